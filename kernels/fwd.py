@@ -1,0 +1,186 @@
+"""Triton forward of prefix attention (flash-attention style online softmax).
+
+Row packing: a program owns ``BLOCK_M`` *packed rows* of one (batch, KV head). Packed
+row ``r`` is query ``r // GROUP`` of query head ``hk * GROUP + r % GROUP``, so the
+``GROUP = Hq / Hkv`` query heads that share a KV head read each K/V tile once. This is
+also the decode path: with ``Nq = 1`` a tile holds the whole GQA group instead of one
+row padded to ``BLOCK_M``.
+
+Each program first sweeps the shared prefix ``[P, D]`` of its KV head, then its own
+keys: fully visible blocks without a causal mask, then the diagonal blocks with it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import LOG2E, dot_precision, fwd_configs, launch_meta
+
+
+@triton.jit
+def _fwd_tile_loop(
+    acc, l_i, m_i, q, qi,
+    K, V, KPM,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    start, end, n_limit, diag, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over keys [start, end) of one K/V."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_limit
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        visible = n_ok[None, :]
+        if CAUSAL_MASK:
+            visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
+        if HAS_KPM:
+            real = tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0)
+            visible = visible & (real[None, :] != 0)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf; exponentiate against 0 instead
+        # so that masked scores give 0 rather than NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, PK, PV, KPM, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkh, stride_pkn, stride_pkd,
+    stride_pvh, stride_pvn, stride_pvd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    H_KV, N_Q, N_K, P, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // GROUP
+    h = hk * GROUP + rows % GROUP
+    row_ok = qi < N_Q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    io_mask = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # 1) the shared prefix: every query sees all of it.
+    acc, l_i, m_i = _fwd_tile_loop(
+        acc, l_i, m_i, q, qi, PK + hk * stride_pkh, PV + hk * stride_pvh, KPM,
+        stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_mn,
+        0, P, P, 0, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+
+    # 2) own keys, bottom-right causal: query i sees key j iff j <= i + diag.
+    K_b = K + b * stride_kb + hk * stride_kh
+    V_b = V + b * stride_vb + hk * stride_vh
+    KPM_b = KPM + b * stride_mb
+    diag = N_K - N_Q
+    if IS_CAUSAL:
+        qi_lo = (pid_m * BLOCK_M) // GROUP
+        qi_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, N_Q - 1)
+        full_end = tl.maximum(tl.minimum(qi_lo + diag + 1, N_K), 0)
+        full_end = (full_end // BLOCK_N) * BLOCK_N
+        diag_end = tl.maximum(tl.minimum(qi_hi + diag + 1, N_K), 0)
+        acc, l_i, m_i = _fwd_tile_loop(
+            acc, l_i, m_i, q, qi, K_b, V_b, KPM_b,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            0, full_end, N_K, diag, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tile_loop(
+            acc, l_i, m_i, q, qi, K_b, V_b, KPM_b,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            full_end, diag_end, N_K, diag, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_tile_loop(
+            acc, l_i, m_i, q, qi, K_b, V_b, KPM_b,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            0, N_K, N_K, diag, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DOT_PRECISION)
+
+    # A row that saw no key (P == 0, all own keys masked) gets 0 and lse = -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
+             + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=io_mask)
+    tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_lm, lse, mask=row_ok)
+
+
+def prefix_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs are validated by the caller.
+
+    Shapes: q ``[B, Hq, Nq, D]`` (any strides), k/v ``[B, Hkv, Nk, D]``, prefix_k/v
+    ``[Hkv, P, D]``, key_padding_mask ``[B, Nk]`` bool or None.
+    Returns out ``[B, Hq, Nq, D]`` (contiguous, q's dtype) and lse ``[B, Hq, Nq]`` fp32.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, P = k.shape[1], k.shape[2], prefix_k.shape[1]
+    out = torch.empty((B, Hq, Nq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty((1, 1), dtype=torch.uint8)
+    meta = launch_meta(q, Hkv)
+    group = Hq // Hkv
+
+    def grid(cfg):
+        return (triton.cdiv(Nq * group, cfg["BLOCK_M"]), B * Hkv)
+
+    _fwd_autotuned[grid](
+        q, k, v, prefix_k, prefix_v, kpm, out, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        *prefix_k.stride(), *prefix_v.stride(), *kpm.stride(),
+        *out.stride(), *lse.stride(),
+        Hkv, Nq, Nk, P, softmax_scale * LOG2E,
+        GROUP=group, IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+        DOT_PRECISION=dot_precision(q.dtype), **meta,
+    )
+    return out, lse
+
+
+_fwd_autotuned = triton.autotune(
+    configs=fwd_configs(), key=["BLOCK_D", "GROUP", "IS_CAUSAL", "DOT_PRECISION"]
+)(_fwd_kernel)

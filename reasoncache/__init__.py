@@ -1,0 +1,13 @@
+"""reasoncache: prefix-augmented flash attention for prefix tuning (ReasonCACHE).
+
+The fused op ``prefix_attention`` lets every query attend to a learned key/value prefix
+shared by the whole batch, then causally to its own keys.
+"""
+
+from .attention import prefix_attention
+from .backends import BackendUnavailable
+from .reference import prefix_attention_ref
+
+__version__ = "0.1.0"
+
+__all__ = ["prefix_attention", "prefix_attention_ref", "BackendUnavailable", "__version__"]

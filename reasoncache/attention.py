@@ -1,0 +1,107 @@
+"""``reasoncache.prefix_attention``: the public front door of the fused op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .op import prefix_attention_fwd
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale) -> None:
+    named = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t, rank, layout in (
+        ("q", q, 4, "[B, Hq, Nq, D]"),
+        ("k", k, 4, "[B, Hkv, Nk, D]"),
+        ("v", v, 4, "[B, Hkv, Nk, D]"),
+        ("prefix_k", prefix_k, 3, "[Hkv, P, D]"),
+        ("prefix_v", prefix_v, 3, "[Hkv, P, D]"),
+    ):
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} must be [B={B}, Hkv, Nk, D={D}] to match q {tuple(q.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if prefix_k.shape[0] != Hkv or prefix_k.shape[2] != D:
+        raise ValueError(f"prefix_k {tuple(prefix_k.shape)} must be [Hkv={Hkv}, P, D={D}] to match k {tuple(k.shape)}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_v {tuple(prefix_v.shape)} must have the shape of prefix_k {tuple(prefix_k.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; expected one of fp16, bf16, fp32 (fp64 on the torch backend)")
+    for name, t in named.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; all five tensors must share a dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must share a device")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got {got}")
+        if tuple(key_padding_mask.shape) != (B, k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask {tuple(key_padding_mask.shape)} must be [B, Nk] = {(B, k.shape[2])}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over a learned prefix shared by the batch, then over each sequence's own keys.
+
+    Every query attends, in one softmax, to all ``P`` prefix keys and to its own keys.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``, any strides (HF's transposed ``[B, N, H, D]`` views are fine).
+        k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (MHA, GQA, MQA).
+        prefix_k, prefix_v: ``[Hkv, P, D]``, one prefix for the whole batch (``P >= 0``;
+            ``P = 0`` is plain attention). Never copied per sequence.
+        causal: own keys are bottom-right aligned: query ``i`` sees own key ``j`` iff
+            ``j <= i + Nk - Nq`` (so decode, ``Nq = 1``, and chunked prefill work).
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        key_padding_mask: optional ``[B, Nk]`` bool, True = real key (left or right
+            padding). The prefix is never masked.
+        return_lse: also return the log-sum-exp of each query's scores.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic; the
+            ``REASONCACHE_BACKEND`` environment variable overrides the automatic choice).
+
+    Returns:
+        ``out [B, Hq, Nq, D]`` in q's dtype; with ``return_lse``, also ``lse [B, Hq, Nq]``
+        fp32 (natural log). A query that sees no key at all gets zeros and ``lse = -inf``.
+
+    Gradients flow to q, k, v, prefix_k and prefix_v; the prefix gradient is summed over
+    the batch and is bitwise reproducible from run to run.
+    """
+    _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale)
+    name = backends.check_name(backend)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, name)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,178 @@
+"""Which implementation runs prefix attention: the one place that decides.
+
+``backend`` is ``"torch"`` (reference), ``"triton"`` (kernels/), ``"cuda"`` (csrc/) or
+``"auto"``. ``"auto"`` honours ``REASONCACHE_BACKEND`` and otherwise takes the fastest
+backend that supports the input and has been verified on that kind of device. Every
+backend lists the reasons it cannot take an input; when none can, the error lists them all.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .reference import prefix_attention_ref
+
+ENV_VAR = "REASONCACHE_BACKEND"
+NAMES = ("torch", "triton", "cuda")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_KERNEL_HEAD_DIM = 256
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a requested backend cannot take the given input."""
+
+
+# ---------------------------------------------------------------- torch (reference)
+def _torch_reasons(q: Tensor) -> list[str]:
+    return []
+
+
+def _torch_fwd(q, k, v, pk, pv, kpm, causal, scale):
+    out, lse = prefix_attention_ref(q, k, v, pk, pv, causal=causal, softmax_scale=scale, key_padding_mask=kpm)
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def _torch_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale):
+    # Recompute the reference under autograd: the gradient of the oracle itself.
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, pk, pv)]
+        o, lse_ref = prefix_attention_ref(*leaves, causal=causal, softmax_scale=scale, key_padding_mask=kpm)
+        outputs, grads = [o], [dout.to(o.dtype)]
+        if dlse is not None:
+            outputs.append(lse_ref)
+            grads.append(dlse.to(lse_ref.dtype))
+        res = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(res, (q, k, v, pk, pv)))
+
+
+# ---------------------------------------------------------------- triton
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        from . import _kernels  # noqa: F401
+    except Exception as e:  # ImportError, or a Triton too old for our kernels
+        return f"Triton kernels failed to import ({type(e).__name__}: {e})"
+    return None
+
+
+def _triton_reasons(q: Tensor) -> list[str]:
+    reasons = []
+    err = _triton_import_error()
+    if err:
+        reasons.append(err)
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        reasons.append(f"tensors are on {q.device}; Triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    if q.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of fp16, bf16, fp32")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        reasons.append("Triton's CPU interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584)")
+    if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {_MAX_KERNEL_HEAD_DIM}")
+    return reasons
+
+
+def _triton_fwd(*args):
+    from ._kernels import kernels
+
+    return kernels.prefix_attention_fwd(*args)
+
+
+def _triton_bwd(*args):
+    from ._kernels import kernels
+
+    return kernels.prefix_attention_bwd(*args)
+
+
+# ---------------------------------------------------------------- cuda
+def _cuda_reasons(q: Tensor) -> list[str]:
+    return ["the CUDA C++ backend (reasoncache._C) is not part of this version yet"]
+
+
+class _Backend:
+    def __init__(self, name: str, reasons: Callable, fwd: Callable, bwd: Callable, auto_devices: tuple[str, ...]):
+        self.name, self.not_supported_reasons, self.fwd, self.bwd = name, reasons, fwd, bwd
+        # Device types on which "auto" may pick this backend: only where it passed its
+        # tests. The Triton kernels are verified under the interpreter; the GPU runs are
+        # still pending (README), so "auto" picks them on CUDA with a compile fallback.
+        self.auto_devices = auto_devices
+
+
+_BACKENDS = {
+    "cuda": _Backend("cuda", _cuda_reasons, None, None, ()),
+    "triton": _Backend("triton", _triton_reasons, _triton_fwd, _triton_bwd, ("cuda",)),
+    "torch": _Backend("torch", _torch_reasons, _torch_fwd, _torch_bwd, ("cpu", "cuda", "mps", "xpu", "meta")),
+}
+_AUTO_ORDER = ("cuda", "triton", "torch")
+_failed_auto: set = set()  # (backend, device type, dtype, head dim): kernels that failed to compile
+
+
+def check_name(backend: str | None) -> str:
+    """Normalise a backend argument to one of NAMES or "auto", naming the bad value."""
+    name = "auto" if backend is None else backend
+    if name not in NAMES + ("auto",):
+        raise ValueError(f"backend={backend!r} is not one of {NAMES + ('auto',)} or None")
+    return name
+
+
+def _requested(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env in ("", "auto"):
+        return "auto"
+    if env not in NAMES:
+        raise ValueError(f"{ENV_VAR}={env!r} is not one of {NAMES + ('auto',)}")
+    return env
+
+
+def resolve(backend: str, q: Tensor) -> tuple[_Backend, bool]:
+    """Pick the backend for ``q``. Returns (backend, chosen_automatically)."""
+    name = _requested(backend)
+    if name != "auto":
+        reasons = _BACKENDS[name].not_supported_reasons(q)
+        if reasons:
+            raise BackendUnavailable(f"backend {name!r} cannot run this input: " + "; ".join(reasons))
+        return _BACKENDS[name], False
+    all_reasons = []
+    for cand in _AUTO_ORDER:
+        b = _BACKENDS[cand]
+        reasons = b.not_supported_reasons(q)
+        if q.device.type not in b.auto_devices:
+            reasons = reasons + [f"not verified on {q.device.type} for automatic choice"]
+        if (cand, q.device.type, q.dtype, q.shape[-1]) in _failed_auto:
+            reasons = reasons + ["failed to compile earlier in this process"]
+        if not reasons:
+            return b, True
+        all_reasons.append(f"{cand}: " + "; ".join(reasons))
+    raise BackendUnavailable("no backend can run this input:\n  " + "\n  ".join(all_reasons))
+
+
+def run(which: str, backend: str, q: Tensor, *args):
+    """Run the ``which`` ("fwd" or "bwd") pass on the chosen backend.
+
+    An automatically chosen kernel that fails (a compile error on an unusual GPU) is
+    remembered and replaced by the reference, with a warning; an explicitly requested
+    backend raises instead.
+    """
+    b, auto = resolve(backend, q)
+    fn = b.fwd if which == "fwd" else b.bwd
+    if not auto or b.name == "torch":
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - any kernel failure falls back, loudly
+        _failed_auto.add((b.name, q.device.type, q.dtype, q.shape[-1]))
+        warnings.warn(
+            f"reasoncache: the {b.name} kernel failed ({type(e).__name__}: {e}); "
+            "falling back to the PyTorch reference for this input. Pass backend='torch' to silence, "
+            f"or backend='{b.name}' to see the error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return getattr(_BACKENDS["torch"], which)(*args)

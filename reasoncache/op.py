@@ -1,0 +1,85 @@
+"""The ``torch.library`` custom ops behind ``reasoncache.prefix_attention``.
+
+``reasoncache::prefix_attention_fwd`` and ``reasoncache::prefix_attention_bwd`` are
+opaque to ``torch.compile`` (no graph breaks), have fake implementations for shape
+propagation, and the forward has its backward registered, so autograd, AOTAutograd and
+``torch.library.opcheck`` all see one op. Which implementation runs is decided at run
+time by ``backends.run``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+@torch.library.custom_op("reasoncache::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    softmax_scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """out ``[B, Hq, Nq, D]`` (q's dtype, contiguous), lse ``[B, Hq, Nq]`` fp32."""
+    return backends.run("fwd", backend, q, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale)
+
+
+@prefix_attention_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend):
+    B, Hq, Nq, D = q.shape
+    return q.new_empty((B, Hq, Nq, D)), q.new_empty((B, Hq, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("reasoncache::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd(
+    dout: Tensor,
+    dlse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    softmax_scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, dprefix_k, dprefix_v (contiguous, inputs' dtypes; prefix grads summed over batch)."""
+    return backends.run(
+        "bwd", backend, q, dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale
+    )
+
+
+@prefix_attention_bwd.register_fake
+def _(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, prefix_k, prefix_v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
+    ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+    grads = prefix_attention_bwd(
+        dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+        ctx.causal, ctx.softmax_scale, ctx.backend,
+    )
+    return (*grads, None, None, None, None)
+
+
+prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

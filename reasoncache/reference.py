@@ -1,0 +1,77 @@
+"""Pure-PyTorch prefix attention: the test oracle and the CPU path.
+
+Short on purpose. It materialises the score matrix, computes in fp32 (fp64 when given
+fp64) and never copies the prefix per sequence: the prefix scores come from one einsum
+against the shared ``[Hkv, P, D]`` tensors, so autograd sums the prefix gradient over
+the batch by itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def prefix_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Naive prefix attention.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``.
+        k, v: ``[B, Hkv, Nk, D]``, ``Hq % Hkv == 0``.
+        prefix_k, prefix_v: ``[Hkv, P, D]``, shared by the whole batch.
+        causal: own keys bottom-right aligned: query ``i`` sees key ``j`` iff
+            ``j <= i + Nk - Nq``.
+        softmax_scale: defaults to ``1/sqrt(D)``.
+        key_padding_mask: ``[B, Nk]`` bool, True marks a real key. Never masks the prefix.
+        compute_dtype: defaults to fp32 (fp64 stays fp64).
+
+    Returns:
+        ``out [B, Hq, Nq, D]`` in ``compute_dtype`` and ``lse [B, Hq, Nq]`` (natural log,
+        ``-inf`` for a query that sees no key at all; its output row is 0).
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, P = k.shape[1], k.shape[2], prefix_k.shape[1]
+    G = Hq // Hkv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+
+    qg = q.to(compute_dtype).reshape(B, Hkv, G, Nq, D)
+    k, v = k.to(compute_dtype), v.to(compute_dtype)
+    pk, pv = prefix_k.to(compute_dtype), prefix_v.to(compute_dtype)
+
+    s_pre = torch.einsum("bhgqd,hpd->bhgqp", qg, pk) * scale
+    s_own = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
+
+    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible.tril(diagonal=Nk - Nq)
+    visible = visible.expand(B, 1, 1, Nq, Nk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, None, :]
+
+    s = torch.cat([s_pre, s_own.masked_fill(~visible, float("-inf"))], dim=-1)
+    # A row with no visible key at all (P == 0 and everything masked) gets a zero output
+    # and lse = -inf. Softmax runs on a finite stand-in row so neither value nor
+    # gradient is NaN.
+    empty = torch.isinf(s).all(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
+
+    out = torch.einsum("bhgqp,hpd->bhgqd", p[..., :P], pv)
+    out = out + torch.einsum("bhgqk,bhkd->bhgqd", p[..., P:], v)
+    return out.reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)

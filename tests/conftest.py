@@ -1,0 +1,36 @@
+"""Test setup: Triton runs on the CPU through its interpreter, seeds are fixed, and
+freshly allocated kernel outputs are poisoned with NaN so an unwritten element shows."""
+
+import os
+
+# Must be set before Triton is imported anywhere.
+if not os.environ.get("REASONCACHE_TEST_ON_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (set REASONCACHE_TEST_ON_GPU=1 there)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped elsewhere")
+    config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty / empty_like return NaN-filled float tensors for one test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def _fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: _fill(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _fill(real_empty_like(*a, **kw)))

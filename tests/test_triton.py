@@ -1,0 +1,106 @@
+"""Triton kernels against the fp64 oracle, under TRITON_INTERPRET=1 on the CPU."""
+
+import pytest
+import torch
+
+import reasoncache
+from helpers import Case, make_inputs, max_err, oracle
+
+CASES = [
+    Case(),  # GQA 2, odd lengths, prefix crossing a tile
+    Case(Hq=2, Hkv=2, Nq=63, Nk=63, P=1, D=64),  # MHA, P = 1
+    Case(Hq=8, Hkv=1, Nq=1, Nk=63, P=17, D=64),  # MQA decode
+    Case(Hq=8, Hkv=1, Nq=1, Nk=1, P=0, D=32),  # decode on a single key, no prefix
+    Case(Hq=4, Hkv=2, Nq=5, Nk=63, P=17, D=40),  # chunked prefill (Nq < Nk), head dim 40 (padded)
+    Case(Hq=4, Hkv=2, Nq=37, Nk=37, P=0, D=32),  # P = 0 is plain causal attention
+    Case(Hq=4, Hkv=4, Nq=63, Nk=37, P=17, D=32, causal=False),  # not causal, Nq > Nk
+    Case(Hq=4, Hkv=2, Nq=37, Nk=17, P=0, D=32),  # causal Nq > Nk: early queries see no key
+    Case(Hq=8, Hkv=1, Nq=20, Nk=37, P=17, D=64, pad="left"),  # left padding, MQA
+    Case(Hq=4, Hkv=2, Nq=37, Nk=37, P=1, D=32, causal=False, pad="right"),
+    Case(Hq=4, Hkv=2, Nq=37, Nk=37, P=0, D=32, pad="left"),  # padded rows with no key at all
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_lse_and_five_grads_match_fp64(case, poison_empty):
+    tensors, mask = make_inputs(case)
+    dout = torch.randn(case.B, case.Hq, case.Nq, case.D)
+    dlse = torch.randn(case.B, case.Hq, case.Nq)
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, case.causal)
+
+    out, lse = reasoncache.prefix_attention(
+        *tensors, causal=case.causal, key_padding_mask=mask, return_lse=True, backend="triton"
+    )
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert max_err(out, ref_out) < 1e-5
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where a query sees no key"
+    assert max_err(lse[finite], ref_lse[finite]) < 1e-5
+    assert not out.isnan().any()
+
+    grads = torch.autograd.grad((out, lse[finite]), tensors, (dout, dlse[finite]))
+    for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
+        assert g.shape == r.shape, name
+        assert max_err(g, r) < 2e-5, f"{name}: max error {max_err(g, r):.2e}"
+
+
+def test_transposed_q_view_is_read_through_its_strides():
+    case = Case(Hq=4, Hkv=2, Nq=20, Nk=20, P=5, D=32)
+    tensors, _ = make_inputs(case, transposed_q=True)
+    assert not tensors[0].is_contiguous()
+    out = reasoncache.prefix_attention(*tensors, backend="triton")
+    ref, _, _ = oracle(tensors, None, torch.zeros_like(out), torch.zeros(case.B, case.Hq, case.Nq), True)
+    assert max_err(out, ref) < 1e-5
+
+
+def test_custom_softmax_scale():
+    case = Case(Nq=9, Nk=9, P=3)
+    tensors, _ = make_inputs(case)
+    out = reasoncache.prefix_attention(*tensors, softmax_scale=0.3, backend="triton")
+    ref, _, _ = oracle(tensors, None, torch.zeros_like(out), torch.zeros(case.B, case.Hq, case.Nq), True, scale=0.3)
+    assert max_err(out, ref) < 1e-5
+
+
+def test_backward_is_bitwise_deterministic():
+    case = Case(B=3, Nq=33, Nk=33, P=17)
+    tensors, _ = make_inputs(case)
+    dout = torch.randn(case.B, case.Hq, case.Nq, case.D)
+    runs = []
+    for _ in range(2):
+        out = reasoncache.prefix_attention(*tensors, backend="triton")
+        runs.append(torch.autograd.grad(out, tensors, dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_prefix_gradient_split_count_only_changes_rounding(splits):
+    """The batch-summed prefix gradient is the same whatever the number of partial sums."""
+    from reasoncache._kernels import kernels
+
+    case = Case(B=3, Nq=20, Nk=20, P=17)
+    tensors, _ = make_inputs(case)
+    q, k, v, pk, pv = [t.detach() for t in tensors]
+    out, lse = kernels.prefix_attention_fwd(q, k, v, pk, pv, None, True, case.D**-0.5)
+    dout = torch.randn_like(out)
+    grads = kernels.prefix_attention_bwd(dout, None, q, k, v, pk, pv, None, out, lse, True, case.D**-0.5, splits)
+    _, _, ref = oracle(tensors, None, dout, torch.zeros_like(lse), True)
+    assert max_err(grads[3], ref[3]) < 2e-5 and max_err(grads[4], ref[4]) < 2e-5
+
+
+def test_fp16_forward():
+    dtype = torch.float16
+    case = Case(Nq=20, Nk=20, P=5)
+    tensors, _ = make_inputs(case, dtype=dtype)
+    out = reasoncache.prefix_attention(*tensors, backend="triton")
+    assert out.dtype == dtype
+    ref, _, _ = oracle(tensors, None, torch.zeros_like(out), torch.zeros(case.B, case.Hq, case.Nq), True)
+    low, _ = reasoncache.prefix_attention_ref(*[t.detach() for t in tensors], compute_dtype=dtype)
+    # flash-attention's rule: at most ~2x the error of the same math done naively in low precision.
+    assert max_err(out, ref) <= 2 * max_err(low, ref) + 1e-3
+
+
+def test_bf16_on_the_interpreter_is_refused_not_wrong():
+    tensors, _ = make_inputs(Case(Nq=4, Nk=4, P=2), dtype=torch.bfloat16)
+    with pytest.raises(reasoncache.BackendUnavailable, match="bf16"):
+        reasoncache.prefix_attention(*tensors, backend="triton")
