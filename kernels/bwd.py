@@ -321,6 +321,8 @@ def prefix_attention_bwd(
     has_kpm = key_padding_mask is not None
     qk_scale = softmax_scale * LOG2E
 
+    # dlse is indexed with lse's strides; autograd may hand it over expanded (stride 0).
+    dlse = dlse.float().contiguous() if dlse is not None else None
     delta = torch.empty_like(lse)
     pre_block = 64 if not interpreting() else 16
     _bwd_preprocess[(triton.cdiv(Nq, pre_block), B * Hq)](

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .reference import prefix_attention_ref
+from .reference import prefix_attention_ref, prefix_attention_ref_bwd
 
 ENV_VAR = "REASONCACHE_BACKEND"
 NAMES = ("torch", "triton", "cuda")
@@ -39,16 +39,9 @@ def _torch_fwd(q, k, v, pk, pv, kpm, causal, scale):
 
 
 def _torch_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale):
-    # Recompute the reference under autograd: the gradient of the oracle itself.
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, pk, pv)]
-        o, lse_ref = prefix_attention_ref(*leaves, causal=causal, softmax_scale=scale, key_padding_mask=kpm)
-        outputs, grads = [o], [dout.to(o.dtype)]
-        if dlse is not None:
-            outputs.append(lse_ref)
-            grads.append(dlse.to(lse_ref.dtype))
-        res = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(res, (q, k, v, pk, pv)))
+    grads = prefix_attention_ref_bwd(dout, dlse, q, k, v, pk, pv, causal=causal, softmax_scale=scale,
+                                     key_padding_mask=kpm)
+    return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, pk, pv)))
 
 
 # ---------------------------------------------------------------- triton

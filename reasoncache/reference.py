@@ -42,14 +42,63 @@ def prefix_attention_ref(
         ``out [B, Hq, Nq, D]`` in ``compute_dtype`` and ``lse [B, Hq, Nq]`` (natural log,
         ``-inf`` for a query that sees no key at all; its output row is 0).
     """
+    qg, k, v, pk, pv, p, lse, scale = _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask,
+                                             compute_dtype)
+    P = pk.shape[1]
+    out = torch.einsum("bhgqp,hpd->bhgqd", p[..., :P], pv)
+    out = out + torch.einsum("bhgqk,bhkd->bhgqd", p[..., P:], v)
+    return out.reshape(q.shape), lse.reshape(q.shape[:3])
+
+
+def prefix_attention_ref_bwd(
+    dout: Tensor,
+    dlse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Explicit backward of ``prefix_attention_ref`` (the same math as the kernels).
+
+    ``dout [B, Hq, Nq, D]``, ``dlse [B, Hq, Nq]`` or None. Returns ``dq, dk, dv,
+    dprefix_k, dprefix_v`` in the compute dtype; the prefix gradients ``[Hkv, P, D]``
+    are summed over the batch by the einsum contraction, without a per-sequence copy.
+    """
+    qg, k, v, pk, pv, p, lse, scale = _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask,
+                                             None)
+    P = pk.shape[1]
+    do = dout.to(qg.dtype).reshape(qg.shape)
+    dp = torch.cat([torch.einsum("bhgqd,hpd->bhgqp", do, pv), torch.einsum("bhgqd,bhkd->bhgqk", do, v)], dim=-1)
+    delta = (p * dp).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.to(qg.dtype).reshape(lse.shape)
+    ds = p * (dp - delta) * scale  # p = 0 on masked keys and on rows that see no key
+    dq = torch.einsum("bhgqp,hpd->bhgqd", ds[..., :P], pk) + torch.einsum("bhgqk,bhkd->bhgqd", ds[..., P:], k)
+    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds[..., P:], qg)
+    dv = torch.einsum("bhgqk,bhgqd->bhkd", p[..., P:], do)
+    dpk = torch.einsum("bhgqp,bhgqd->hpd", ds[..., :P], qg)
+    dpv = torch.einsum("bhgqp,bhgqd->hpd", p[..., :P], do)
+    return dq.reshape(q.shape), dk, dv, dpk, dpv
+
+
+def _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, compute_dtype):
+    """Upcast, score against prefix and own keys, mask, softmax.
+
+    Returns the grouped ``qg [B, Hkv, G, Nq, D]``, upcast k, v, prefix_k, prefix_v,
+    ``p [B, Hkv, G, Nq, P + Nk]``, ``lse [B, Hkv, G, Nq, 1]`` and the scale.
+    """
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, Hq, Nq, D = q.shape
-    Hkv, Nk, P = k.shape[1], k.shape[2], prefix_k.shape[1]
-    G = Hq // Hkv
+    Hkv, Nk = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
 
-    qg = q.to(compute_dtype).reshape(B, Hkv, G, Nq, D)
+    qg = q.to(compute_dtype).reshape(B, Hkv, Hq // Hkv, Nq, D)
     k, v = k.to(compute_dtype), v.to(compute_dtype)
     pk, pv = prefix_k.to(compute_dtype), prefix_v.to(compute_dtype)
 
@@ -71,7 +120,4 @@ def prefix_attention_ref(
     s = s.masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
-
-    out = torch.einsum("bhgqp,hpd->bhgqd", p[..., :P], pv)
-    out = out + torch.einsum("bhgqk,bhkd->bhgqd", p[..., P:], v)
-    return out.reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)
+    return qg, k, v, pk, pv, p, lse, scale

@@ -104,3 +104,15 @@ def test_bf16_on_the_interpreter_is_refused_not_wrong():
     tensors, _ = make_inputs(Case(Nq=4, Nk=4, P=2), dtype=torch.bfloat16)
     with pytest.raises(reasoncache.BackendUnavailable, match="bf16"):
         reasoncache.prefix_attention(*tensors, backend="triton")
+
+
+def test_expanded_upstream_gradients():
+    """autograd hands over d(out.sum()) as stride-0 expanded tensors; read them as such."""
+    case = Case(Nq=9, Nk=9, P=3)
+    tensors, _ = make_inputs(case)
+    out, lse = reasoncache.prefix_attention(*tensors, return_lse=True, backend="triton")
+    got = torch.autograd.grad(out.sum() + lse.sum(), tensors)
+    _, _, want = oracle(tensors, None, torch.ones(case.B, case.Hq, case.Nq, case.D),
+                        torch.ones(case.B, case.Hq, case.Nq), True)
+    for g, w in zip(got, want):
+        assert max_err(g, w) < 2e-5

@@ -1,0 +1,210 @@
+"""The op's contract: custom-op machinery, backend choice and bad-input errors."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import reasoncache
+from helpers import Case, make_inputs, max_err, oracle
+from reasoncache import backends
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    tensors, mask = make_inputs(Case(B=2, Hq=4, Hkv=2, Nq=7, Nk=9, P=3, D=16, pad="left"))
+    args = (*tensors, mask, True, 0.25, backend)
+    torch.library.opcheck(torch.ops.reasoncache.prefix_attention_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_forward_and_backward(backend):
+    case = Case(Nq=9, Nk=9, P=3)
+    tensors, _ = make_inputs(case)
+
+    def loss_fn(q, k, v, pk, pv):
+        return reasoncache.prefix_attention(q, k, v, pk, pv, backend=backend).square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*tensors), tensors)
+    want = torch.autograd.grad(loss_fn(*tensors), tensors)
+    for g, w in zip(got, want):
+        assert max_err(g, w) < 1e-5
+
+
+def test_torch_backend_matches_fp64_oracle_with_padding_and_lse_grad():
+    case = Case(Hq=8, Hkv=2, Nq=11, Nk=23, P=5, D=24, pad="left")
+    tensors, mask = make_inputs(case)
+    dout, dlse = torch.randn(case.B, case.Hq, case.Nq, case.D), torch.randn(case.B, case.Hq, case.Nq)
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, True)
+    out, lse = reasoncache.prefix_attention(*tensors, key_padding_mask=mask, return_lse=True, backend="torch")
+    assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+    for g, r in zip(torch.autograd.grad((out, lse), tensors, (dout, dlse)), ref_grads):
+        assert max_err(g, r) < 1e-5
+
+
+def test_reference_equals_explicit_concatenation():
+    """The oracle itself: the prefix copied in front of every sequence with a full mask."""
+    case = Case(Hq=4, Hkv=2, Nq=6, Nk=10, P=4, D=8, pad="left")
+    (q, k, v, pk, pv), mask = make_inputs(case)
+    q, k, v, pk, pv = [t.detach().double() for t in (q, k, v, pk, pv)]
+    G = case.Hq // case.Hkv
+    kc = torch.cat([pk.expand(case.B, -1, -1, -1), k], 2).repeat_interleave(G, 1)
+    vc = torch.cat([pv.expand(case.B, -1, -1, -1), v], 2).repeat_interleave(G, 1)
+    allowed = torch.ones(case.B, case.Nq, case.P + case.Nk, dtype=torch.bool)
+    for i in range(case.Nq):
+        allowed[:, i, case.P + i + case.Nk - case.Nq + 1 :] = False
+    allowed[:, :, case.P :] &= mask[:, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=allowed[:, None])
+    got, _ = reasoncache.prefix_attention_ref(q, k, v, pk, pv, key_padding_mask=mask)
+    assert max_err(got, want) < 1e-12
+
+
+def test_fully_masked_query_sees_prefix_and_never_nan():
+    case = Case(B=1, Hq=2, Hkv=1, Nq=3, Nk=3, P=2, D=8)
+    tensors, _ = make_inputs(case)
+    mask = torch.zeros(1, 3, dtype=torch.bool)
+    out = reasoncache.prefix_attention(*tensors, key_padding_mask=mask, backend="torch")
+    # Only the prefix is visible: softmax over the prefix alone.
+    q, _, _, pk, pv = [t.detach() for t in tensors]
+    p = torch.softmax(q @ pk.transpose(-1, -2) * 8**-0.5, -1)
+    assert max_err(out, p @ pv) < 1e-6
+    no_prefix = [*tensors[:3], tensors[3][:, :0], tensors[4][:, :0]]
+    out0, lse0 = reasoncache.prefix_attention(*no_prefix, key_padding_mask=mask, return_lse=True, backend="torch")
+    assert torch.equal(out0, torch.zeros_like(out0)) and torch.isneginf(lse0).all()
+    grads = torch.autograd.grad(out0.sum(), tensors[:3])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_prefix_gradient_is_batch_summed():
+    case = Case(B=3, Nq=5, Nk=5, P=2, D=8)
+    tensors, _ = make_inputs(case)
+    out = reasoncache.prefix_attention(*tensors, backend="torch")
+    dpk = torch.autograd.grad(out.sum(), tensors[3])[0]
+    per_seq = []
+    for b in range(case.B):
+        single = [t[b : b + 1] for t in tensors[:3]] + tensors[3:]
+        per_seq.append(torch.autograd.grad(reasoncache.prefix_attention(*single, backend="torch").sum(), tensors[3])[0])
+    assert max_err(dpk, sum(per_seq)) < 1e-5
+
+
+# ------------------------------------------------------------------ backend choice
+def test_auto_on_cpu_is_the_reference_and_env_overrides(monkeypatch):
+    q = torch.randn(1, 2, 3, 8)
+    assert backends.resolve("auto", q)[0].name == "torch"
+    monkeypatch.setenv("REASONCACHE_BACKEND", "triton")
+    assert backends.resolve("auto", q)[0].name == "triton"
+    assert backends.resolve("torch", q)[0].name == "torch", "an explicit argument beats the environment"
+    monkeypatch.setenv("REASONCACHE_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="REASONCACHE_BACKEND"):
+        backends.resolve("auto", q)
+
+
+def test_unsupported_backend_says_why():
+    tensors, _ = make_inputs(Case(Nq=3, Nk=3, P=1, D=8), dtype=torch.float64)
+    with pytest.raises(reasoncache.BackendUnavailable, match="dtype torch.float64"):
+        reasoncache.prefix_attention(*tensors, backend="triton")
+    with pytest.raises(reasoncache.BackendUnavailable, match="reasoncache._C"):
+        reasoncache.prefix_attention(*tensors, backend="cuda")
+    with pytest.raises(ValueError, match="backend='flash'"):
+        reasoncache.prefix_attention(*tensors, backend="flash")
+
+
+def test_auto_lists_every_reason_when_nothing_fits(monkeypatch):
+    q = torch.randn(1, 2, 3, 8)
+    monkeypatch.setattr(backends._BACKENDS["torch"], "not_supported_reasons", lambda q: ["pretend it cannot"])
+    with pytest.raises(reasoncache.BackendUnavailable) as e:
+        backends.resolve("auto", q)
+    msg = str(e.value)
+    assert "cuda:" in msg and "triton:" in msg and "torch: pretend it cannot" in msg
+
+
+def test_auto_falls_back_to_reference_with_a_warning_when_a_kernel_fails(monkeypatch):
+    tensors, _ = make_inputs(Case(Nq=3, Nk=3, P=1, D=8))
+    triton_backend = backends._BACKENDS["triton"]
+    monkeypatch.setattr(triton_backend, "auto_devices", ("cpu",))
+    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda q: [])
+
+    def broken(*args):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_backend, "fwd", broken)
+    monkeypatch.setattr(backends, "_failed_auto", set())
+    with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
+        out = reasoncache.prefix_attention(*tensors)
+    want = reasoncache.prefix_attention(*tensors, backend="torch")
+    assert torch.equal(out, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second failure, no second warning
+        reasoncache.prefix_attention(*tensors)
+    with pytest.raises(RuntimeError, match="PTX"):
+        reasoncache.prefix_attention(*tensors, backend="triton")
+
+
+# ------------------------------------------------------------------ bad input
+def _good():
+    (q, k, v, pk, pv), _ = make_inputs(Case(B=2, Hq=4, Hkv=2, Nq=5, Nk=6, P=3, D=8))
+    return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv)
+
+
+BAD = {
+    "q rank": (lambda t: t.update(q=t["q"][0]), ValueError, r"q must be 4-D \[B, Hq, Nq, D\], got shape \(4, 5, 8\)"),
+    "prefix rank": (lambda t: t.update(prefix_k=t["prefix_k"][None]), ValueError, "prefix_k must be 3-D"),
+    "heads": (lambda t: t.update(q=torch.randn(2, 3, 5, 8)), ValueError, "Hq=3 must be a multiple of k/v heads Hkv=2"),
+    "k batch": (lambda t: t.update(k=t["k"][:1]), ValueError, r"k \(1, 2, 6, 8\) must be \[B=2"),
+    "kv length": (lambda t: t.update(v=t["v"][:, :, :4]), ValueError, r"v \(2, 2, 4, 8\) must have the shape of k"),
+    "prefix heads": (lambda t: t.update(prefix_k=torch.randn(1, 3, 8)), ValueError, r"prefix_k \(1, 3, 8\) must be \[Hkv=2"),
+    "prefix dim": (lambda t: t.update(prefix_k=torch.randn(2, 3, 16)), ValueError, "D=8"),
+    "prefix_v": (lambda t: t.update(prefix_v=torch.randn(2, 4, 8)), ValueError, "prefix_v .* shape of prefix_k"),
+    "dtype": (lambda t: t.update(v=t["v"].half()), TypeError, "v has dtype torch.float16 but q has torch.float32"),
+    "int dtype": (lambda t: t.update(q=t["q"].long()), TypeError, "q has dtype torch.int64"),
+    "not a tensor": (lambda t: t.update(k=[1, 2]), TypeError, "k must be a torch.Tensor, got list"),
+    "device": (lambda t: t.update(prefix_v=t["prefix_v"].to("meta")), ValueError, "prefix_v is on meta but q is on cpu"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_names_the_argument(name):
+    mutate, exc, pattern = BAD[name]
+    t = _good()
+    mutate(t)
+    with pytest.raises(exc, match=pattern):
+        reasoncache.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"])
+
+
+@pytest.mark.parametrize(
+    "mask, exc, pattern",
+    [
+        (torch.ones(2, 5, dtype=torch.bool), ValueError, r"key_padding_mask \(2, 5\) must be \[B, Nk\] = \(2, 6\)"),
+        (torch.ones(2, 6), TypeError, "key_padding_mask must be a bool tensor"),
+    ],
+    ids=["shape", "dtype"],
+)
+def test_bad_padding_mask(mask, exc, pattern):
+    t = _good()
+    with pytest.raises(exc, match=pattern):
+        reasoncache.prefix_attention(*t.values(), key_padding_mask=mask)
+
+
+def test_bad_scalars():
+    t = _good()
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        reasoncache.prefix_attention(*t.values(), causal=1)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        reasoncache.prefix_attention(*t.values(), softmax_scale=float("nan"))
+
+
+def test_kernels_never_import_as_a_top_level_module():
+    code = (
+        "import sys, importlib.util\n"
+        "try:\n    import kernels\nexcept ImportError as e:\n    print('refused:', e)\n"
+        "import reasoncache._kernels as rk\nprint(rk.kernels.__name__)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "refused:" in res.stdout and "reasoncache.kernels" in res.stdout
