@@ -34,7 +34,9 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax
         raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
     Hkv = k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+        raise ValueError(
+            f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv} (q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
     if prefix_k.shape[0] != Hkv or prefix_k.shape[2] != D:
         raise ValueError(f"prefix_k {tuple(prefix_k.shape)} must be [Hkv={Hkv}, P, D={D}] to match k {tuple(k.shape)}")
     if prefix_v.shape != prefix_k.shape:
@@ -51,9 +53,7 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax
             got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
             raise TypeError(f"key_padding_mask must be a bool tensor (True = real key), got {got}")
         if tuple(key_padding_mask.shape) != (B, k.shape[2]):
-            raise ValueError(
-                f"key_padding_mask {tuple(key_padding_mask.shape)} must be [B, Nk] = {(B, k.shape[2])}"
-            )
+            raise ValueError(f"key_padding_mask {tuple(key_padding_mask.shape)} must be [B, Nk] = {(B, k.shape[2])}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     if not isinstance(causal, bool):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -39,13 +39,14 @@ def _torch_fwd(q, k, v, pk, pv, kpm, causal, scale):
 
 
 def _torch_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale):
-    grads = prefix_attention_ref_bwd(dout, dlse, q, k, v, pk, pv, causal=causal, softmax_scale=scale,
-                                     key_padding_mask=kpm)
+    grads = prefix_attention_ref_bwd(
+        dout, dlse, q, k, v, pk, pv, causal=causal, softmax_scale=scale, key_padding_mask=kpm
+    )
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, pk, pv)))
 
 
 # ---------------------------------------------------------------- triton
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str | None:
     try:
         from . import _kernels  # noqa: F401

@@ -9,8 +9,6 @@ time by ``backends.run``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -24,7 +22,7 @@ def prefix_attention_fwd(
     v: Tensor,
     prefix_k: Tensor,
     prefix_v: Tensor,
-    key_padding_mask: Optional[Tensor],
+    key_padding_mask: Tensor | None,
     causal: bool,
     softmax_scale: float,
     backend: str,
@@ -42,13 +40,13 @@ def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, back
 @torch.library.custom_op("reasoncache::prefix_attention_bwd", mutates_args=())
 def prefix_attention_bwd(
     dout: Tensor,
-    dlse: Optional[Tensor],
+    dlse: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     prefix_k: Tensor,
     prefix_v: Tensor,
-    key_padding_mask: Optional[Tensor],
+    key_padding_mask: Tensor | None,
     out: Tensor,
     lse: Tensor,
     causal: bool,
@@ -76,8 +74,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
     grads = prefix_attention_bwd(
-        dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
-        ctx.causal, ctx.softmax_scale, ctx.backend,
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        key_padding_mask,
+        out,
+        lse,
+        ctx.causal,
+        ctx.softmax_scale,
+        ctx.backend,
     )
     return (*grads, None, None, None, None)
 

@@ -42,8 +42,9 @@ def prefix_attention_ref(
         ``out [B, Hq, Nq, D]`` in ``compute_dtype`` and ``lse [B, Hq, Nq]`` (natural log,
         ``-inf`` for a query that sees no key at all; its output row is 0).
     """
-    qg, k, v, pk, pv, p, lse, scale = _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask,
-                                             compute_dtype)
+    qg, k, v, pk, pv, p, lse, scale = _probs(
+        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, compute_dtype
+    )
     P = pk.shape[1]
     out = torch.einsum("bhgqp,hpd->bhgqd", p[..., :P], pv)
     out = out + torch.einsum("bhgqk,bhkd->bhgqd", p[..., P:], v)
@@ -69,8 +70,7 @@ def prefix_attention_ref_bwd(
     dprefix_k, dprefix_v`` in the compute dtype; the prefix gradients ``[Hkv, P, D]``
     are summed over the batch by the einsum contraction, without a per-sequence copy.
     """
-    qg, k, v, pk, pv, p, lse, scale = _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask,
-                                             None)
+    qg, k, v, pk, pv, p, lse, scale = _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, None)
     P = pk.shape[1]
     do = dout.to(qg.dtype).reshape(qg.shape)
     dp = torch.cat([torch.einsum("bhgqd,hpd->bhgqp", do, pv), torch.einsum("bhgqd,bhkd->bhgqk", do, v)], dim=-1)

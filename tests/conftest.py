@@ -10,9 +10,6 @@ if not os.environ.get("REASONCACHE_TEST_ON_GPU"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (set REASONCACHE_TEST_ON_GPU=1 there)")
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped elsewhere")

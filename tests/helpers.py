@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from reasoncache.reference import prefix_attention_ref
+
+HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (set REASONCACHE_TEST_ON_GPU=1 there)")
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,8 @@ class Case:
     pad: str | None = None  # "left" or "right": the first sequence loses a third of its keys
 
     def __str__(self):
-        s = f"B{self.B}-h{self.Hq}/{self.Hkv}-q{self.Nq}-k{self.Nk}-P{self.P}-d{self.D}-{'causal' if self.causal else 'full'}"
+        mode = "causal" if self.causal else "full"
+        s = f"B{self.B}-h{self.Hq}/{self.Hkv}-q{self.Nq}-k{self.Nk}-P{self.P}-d{self.D}-{mode}"
         return s + (f"-{self.pad}pad" if self.pad else "")
 
 
@@ -36,7 +42,13 @@ def make_inputs(c: Case, dtype=torch.float32, device="cpu", transposed_q=False):
         q = torch.randn(c.B, c.Nq, c.Hq, c.D, dtype=dtype, device=device).transpose(1, 2).detach().requires_grad_()
     else:
         q = leaf(c.B, c.Hq, c.Nq, c.D)
-    tensors = [q, leaf(c.B, c.Hkv, c.Nk, c.D), leaf(c.B, c.Hkv, c.Nk, c.D), leaf(c.Hkv, c.P, c.D), leaf(c.Hkv, c.P, c.D)]
+    tensors = [
+        q,
+        leaf(c.B, c.Hkv, c.Nk, c.D),
+        leaf(c.B, c.Hkv, c.Nk, c.D),
+        leaf(c.Hkv, c.P, c.D),
+        leaf(c.Hkv, c.P, c.D),
+    ]
     mask = None
     if c.pad:
         mask = torch.ones(c.B, c.Nk, dtype=torch.bool, device=device)
@@ -53,9 +65,7 @@ def oracle(tensors, mask, dout, dlse, causal, scale=None):
     leaves = [t.detach().double().requires_grad_() for t in tensors]
     out, lse = prefix_attention_ref(*leaves, causal=causal, softmax_scale=scale, key_padding_mask=mask)
     finite = torch.isfinite(lse)
-    grads = torch.autograd.grad(
-        (out, lse[finite]), leaves, (dout.double(), dlse.double()[finite]), allow_unused=True
-    )
+    grads = torch.autograd.grad((out, lse[finite]), leaves, (dout.double(), dlse.double()[finite]), allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
     return out, lse, grads
 

@@ -158,13 +158,21 @@ BAD = {
     "heads": (lambda t: t.update(q=torch.randn(2, 3, 5, 8)), ValueError, "Hq=3 must be a multiple of k/v heads Hkv=2"),
     "k batch": (lambda t: t.update(k=t["k"][:1]), ValueError, r"k \(1, 2, 6, 8\) must be \[B=2"),
     "kv length": (lambda t: t.update(v=t["v"][:, :, :4]), ValueError, r"v \(2, 2, 4, 8\) must have the shape of k"),
-    "prefix heads": (lambda t: t.update(prefix_k=torch.randn(1, 3, 8)), ValueError, r"prefix_k \(1, 3, 8\) must be \[Hkv=2"),
+    "prefix heads": (
+        lambda t: t.update(prefix_k=torch.randn(1, 3, 8)),
+        ValueError,
+        r"prefix_k \(1, 3, 8\) must be \[Hkv=2",
+    ),
     "prefix dim": (lambda t: t.update(prefix_k=torch.randn(2, 3, 16)), ValueError, "D=8"),
     "prefix_v": (lambda t: t.update(prefix_v=torch.randn(2, 4, 8)), ValueError, "prefix_v .* shape of prefix_k"),
     "dtype": (lambda t: t.update(v=t["v"].half()), TypeError, "v has dtype torch.float16 but q has torch.float32"),
     "int dtype": (lambda t: t.update(q=t["q"].long()), TypeError, "q has dtype torch.int64"),
     "not a tensor": (lambda t: t.update(k=[1, 2]), TypeError, "k must be a torch.Tensor, got list"),
-    "device": (lambda t: t.update(prefix_v=t["prefix_v"].to("meta")), ValueError, "prefix_v is on meta but q is on cpu"),
+    "device": (
+        lambda t: t.update(prefix_v=t["prefix_v"].to("meta")),
+        ValueError,
+        "prefix_v is on meta but q is on cpu",
+    ),
 }
 
 

@@ -112,7 +112,8 @@ def test_expanded_upstream_gradients():
     tensors, _ = make_inputs(case)
     out, lse = reasoncache.prefix_attention(*tensors, return_lse=True, backend="triton")
     got = torch.autograd.grad(out.sum() + lse.sum(), tensors)
-    _, _, want = oracle(tensors, None, torch.ones(case.B, case.Hq, case.Nq, case.D),
-                        torch.ones(case.B, case.Hq, case.Nq), True)
+    _, _, want = oracle(
+        tensors, None, torch.ones(case.B, case.Hq, case.Nq, case.D), torch.ones(case.B, case.Hq, case.Nq), True
+    )
     for g, w in zip(got, want):
         assert max_err(g, w) < 2e-5

@@ -1,0 +1,1 @@
+"""reasoncache benchmarks: ``python -m bench kernel [--quick] [--device cpu|cuda] [--out FILE]``."""

@@ -1,0 +1,107 @@
+"""Shared benchmark plumbing: FLOP counts, timing, environment record, JSON and tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def attention_pairs(B: int, Hq: int, Nq: int, Nk: int, P: int, causal: bool) -> int:
+    """Query-key pairs actually computed: every query with every prefix key, plus the own
+    keys it may see (bottom-right causal counted exactly, not halved)."""
+    if causal:
+        own = sum(max(0, min(Nk, i + Nk - Nq + 1)) for i in range(Nq))
+    else:
+        own = Nq * Nk
+    return B * Hq * (Nq * P + own)
+
+
+def flops(B: int, Hq: int, Nq: int, Nk: int, P: int, D: int, causal: bool, mode: str) -> float:
+    """FLOPs by the flash-attention convention: 4*D per pair forward (QK^T and PV), the
+    backward counted as 2.5x the forward, fwd+bwd as 3.5x."""
+    fwd = 4.0 * D * attention_pairs(B, Hq, Nq, Nk, P, causal)
+    return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+def time_ms(fn: Callable[[], object], device: str, reps: int = 5) -> float:
+    """Median milliseconds of ``fn`` after warm-up: triton.testing.do_bench on CUDA,
+    a wall-clock median on the CPU."""
+    if device == "cuda":
+        import triton
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak CUDA memory allocated while running ``fn`` once (None on the CPU)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def environment(device: str) -> dict:
+    """Device name, library versions and git commit: what a result must carry."""
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout)
+    except Exception:
+        commit, dirty = None, None
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": name,
+        "device_type": device,
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "cuda": torch.version.cuda,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_json(path: str | Path, env: dict, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Render ``rows`` with ``columns`` = [(header, key)]; floats get 3 significant digits."""
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for _, k in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""Kernel benchmark: prefix attention forward, backward and fwd+bwd against the ways
+people compute it today, same inputs, each checked against the reference first.
+
+Methods:
+  reasoncache-triton   the fused op, Triton kernels (CUDA only)
+  reasoncache-torch    the fused op, PyTorch reference backend
+  sdpa-concat-lower-right  prefix copied in front of every sequence, SDPA with
+                       torch.nn.attention.bias.causal_lower_right
+  sdpa-concat-mask     prefix copied in front of every sequence, SDPA with an explicit
+                       boolean mask (what Hugging Face + PEFT prefix tuning runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import reasoncache
+
+from .common import environment, flops, markdown_table, peak_memory_mb, time_ms, write_json
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    Hq: int
+    Hkv: int
+    N: int
+    P: int
+    D: int
+    dtype: str = "bf16"
+    causal: bool = True
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# The issue's headline shapes, then a sequence-length sweep at the training shape.
+FULL = [
+    Shape(16, 32, 8, 2048, 256, 128),
+    Shape(4, 32, 8, 4096, 256, 128),
+    *[Shape(16 * 2048 // n, 32, 8, n, 256, 128) for n in (512, 1024, 8192)],
+    Shape(16, 32, 8, 2048, 256, 64),
+    Shape(16, 32, 32, 2048, 256, 128),  # MHA
+    Shape(16, 32, 1, 2048, 256, 128),  # MQA
+    Shape(16, 32, 8, 2048, 0, 128),  # plain causal attention
+    Shape(16, 32, 8, 2048, 2048, 128),  # long prefix
+]
+QUICK_CPU = [Shape(2, 4, 2, 128, 16, 64, "fp32"), Shape(2, 4, 2, 256, 16, 64, "fp32")]
+QUICK_CUDA = [Shape(4, 32, 8, 1024, 256, 128)]
+
+
+def _sdpa_concat(q, k, v, pk, pv, causal, explicit_mask):
+    """The baseline: copy the prefix in front of every sequence, then one SDPA call."""
+    B, Hq, Nq, D = q.shape
+    P = pk.shape[1]
+    kc = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    vc = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    gqa = Hq != k.shape[1]
+    if explicit_mask:
+        Nk = kc.shape[2]
+        mask = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
+        if causal:
+            mask = mask.tril(diagonal=Nk - Nq)
+        mask[:, :P] = True
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask.expand(B, 1, Nq, Nk), enable_gqa=gqa)
+    if causal:
+        from torch.nn.attention.bias import causal_lower_right
+
+        # lower-right over [prefix | own]: with Nq <= Nk every query sees the whole prefix.
+        bias = causal_lower_right(Nq, kc.shape[2])
+        if gqa:  # the causal-bias path has no enable_gqa; expand heads as HF does
+            g = Hq // k.shape[1]
+            kc, vc = kc.repeat_interleave(g, 1), vc.repeat_interleave(g, 1)
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias)
+    return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=gqa)
+
+
+METHODS = {
+    "reasoncache-triton": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(q, k, v, pk, pv, causal=c,
+                                                                                   backend="triton"),
+    "reasoncache-torch": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(q, k, v, pk, pv, causal=c,
+                                                                                  backend="torch"),
+    "sdpa-concat-lower-right": lambda q, k, v, pk, pv, c: _sdpa_concat(q, k, v, pk, pv, c, explicit_mask=False),
+    "sdpa-concat-mask": lambda q, k, v, pk, pv, c: _sdpa_concat(q, k, v, pk, pv, c, explicit_mask=True),
+}
+
+
+def _inputs(s: Shape, device: str):
+    dt = DTYPES[s.dtype]
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dt).requires_grad_()
+
+    return [leaf(s.B, s.Hq, s.N, s.D), leaf(s.B, s.Hkv, s.N, s.D), leaf(s.B, s.Hkv, s.N, s.D),
+            leaf(s.Hkv, s.P, s.D), leaf(s.Hkv, s.P, s.D)]
+
+
+def _check(name, fn, tensors, s: Shape) -> float:
+    """Max error of ``fn``'s output against the fp32 reference on the first two sequences."""
+    sub = [t[:2] for t in tensors[:3]] + tensors[3:]
+    with torch.no_grad():
+        got = fn(*sub, s.causal).float()
+        want, _ = reasoncache.prefix_attention_ref(*sub, causal=s.causal)
+    err = (got - want).abs().max().item()
+    tol = 1e-3 if s.dtype == "fp32" else 3e-2
+    if not err <= tol:
+        raise AssertionError(f"{name} disagrees with the reference on {s}: max error {err:.3g} > {tol}")
+    return err
+
+
+def run_shape(s: Shape, device: str, methods: list[str]) -> list[dict]:
+    tensors = _inputs(s, device)
+    dout = torch.randn(s.B, s.Hq, s.N, s.D, device=device, dtype=DTYPES[s.dtype])
+    rows = []
+    for name in methods:
+        fn = METHODS[name]
+        row = {**asdict(s), "method": name}
+        try:
+            row["max_err"] = _check(name, fn, tensors, s)
+        except (reasoncache.BackendUnavailable, RuntimeError) as e:
+            row["skipped"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            rows.append(row)
+            continue
+
+        def fwd():
+            with torch.no_grad():
+                return fn(*tensors, s.causal)
+
+        out = fn(*tensors, s.causal)
+
+        def bwd():
+            return torch.autograd.grad(out, tensors, dout, retain_graph=True)
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(*tensors, s.causal), tensors, dout)
+
+        for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+            ms = time_ms(f, device)
+            row[f"{mode}_ms"] = ms
+            row[f"{mode}_tflops"] = flops(s.B, s.Hq, s.N, s.N, s.P, s.D, s.causal, mode) / (ms * 1e-3) / 1e12
+        row["fwd+bwd_peak_mb"] = peak_memory_mb(fwd_bwd, device)
+        del out
+        rows.append(row)
+    base = {r["method"]: r.get("fwd+bwd_ms") for r in rows}
+    for r in rows:
+        for ref in ("sdpa-concat-lower-right", "sdpa-concat-mask"):
+            if r.get("fwd+bwd_ms") and base.get(ref):
+                r[f"speedup_vs_{ref}"] = base[ref] / r["fwd+bwd_ms"]
+    return rows
+
+
+COLUMNS = [
+    ("B", "B"), ("Hq/Hkv", "heads"), ("N", "N"), ("P", "P"), ("D", "D"), ("dtype", "dtype"), ("method", "method"),
+    ("fwd ms", "fwd_ms"), ("fwd TFLOP/s", "fwd_tflops"), ("bwd ms", "bwd_ms"), ("bwd TFLOP/s", "bwd_tflops"),
+    ("fwd+bwd ms", "fwd+bwd_ms"), ("x lower-right", "speedup_vs_sdpa-concat-lower-right"),
+    ("x mask", "speedup_vs_sdpa-concat-mask"), ("peak MiB", "fwd+bwd_peak_mb"), ("max err", "max_err"),
+]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m bench kernel", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a couple of small shapes (a smoke test of the harness)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    ap.add_argument("--out", help="write the JSON results here (device, versions, commit and every row)")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    shapes = (QUICK_CUDA if args.device == "cuda" else QUICK_CPU) if args.quick else FULL
+    env = environment(args.device)
+    rows = []
+    for s in shapes:
+        rows += run_shape(s, args.device, methods)
+    for r in rows:
+        r["heads"] = f"{r['Hq']}/{r['Hkv']}"
+    print(f"# prefix attention kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"commit {(env['git_commit'] or '?')[:9]})\n")
+    print(markdown_table([r for r in rows if "skipped" not in r], COLUMNS))
+    for r in rows:
+        if "skipped" in r:
+            print(f"skipped {r['method']} at B={r['B']} N={r['N']} P={r['P']}: {r['skipped']}")
+    if args.out:
+        write_json(args.out, env, rows)
+        print(f"\nwrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,72 @@
+"""Kernels on a real GPU in bf16/fp16 at larger shapes. Skipped without CUDA.
+
+Run on a GPU machine with ``REASONCACHE_TEST_ON_GPU=1 python -m pytest tests/test_gpu.py``
+(that variable keeps conftest from turning on the Triton interpreter).
+"""
+
+import pytest
+import torch
+
+import reasoncache
+from helpers import Case, make_inputs, max_err, oracle, requires_cuda
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+GPU_CASES = [
+    Case(B=2, Hq=32, Hkv=8, Nq=1000, Nk=1000, P=256, D=128),
+    Case(B=3, Hq=8, Hkv=1, Nq=97, Nk=1000, P=17, D=64, pad="left"),
+    Case(B=2, Hq=16, Hkv=16, Nq=63, Nk=63, P=1, D=64, causal=False, pad="right"),
+    Case(B=4, Hq=32, Hkv=8, Nq=1, Nk=513, P=2048, D=128),  # decode
+    Case(B=2, Hq=4, Hkv=2, Nq=37, Nk=37, P=0, D=256),
+    Case(B=2, Hq=4, Hkv=1, Nq=129, Nk=129, P=17, D=72),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_kernel_error_at_most_twice_naive_low_precision(case, dtype):
+    tensors, mask = make_inputs(case, dtype=dtype, device="cuda")
+    dout = torch.randn(case.B, case.Hq, case.Nq, case.D, dtype=dtype, device="cuda")
+    dlse = torch.zeros(case.B, case.Hq, case.Nq, device="cuda")
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, case.causal)
+
+    # The same math done naively in the low precision: the yardstick (flash-attention's rule).
+    low = [t.detach().clone().requires_grad_() for t in tensors]
+    low_out, _ = reasoncache.prefix_attention_ref(*low, key_padding_mask=mask, causal=case.causal, compute_dtype=dtype)
+    low_grads = torch.autograd.grad(low_out, low, dout)
+
+    out, lse = reasoncache.prefix_attention(
+        *tensors, causal=case.causal, key_padding_mask=mask, return_lse=True, backend="triton"
+    )
+    grads = torch.autograd.grad(out, tensors, dout)
+    assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + 1e-5
+    finite = torch.isfinite(ref_lse)
+    assert max_err(lse[finite], ref_lse[finite]) < 1e-2
+    for name, g, lg, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, low_grads, ref_grads):
+        assert max_err(g, r) <= 2 * max_err(lg, r) + 1e-4, name
+
+
+def test_fp32_is_not_tf32():
+    case = Case(B=2, Hq=8, Hkv=2, Nq=200, Nk=200, P=33, D=64)
+    tensors, _ = make_inputs(case, device="cuda")
+    ref, _ = reasoncache.prefix_attention_ref(*[t.detach().double() for t in tensors])
+    out = reasoncache.prefix_attention(*tensors, backend="triton")
+    assert max_err(out, ref) < 1e-4
+
+
+def test_backward_bitwise_deterministic_on_gpu():
+    case = Case(B=8, Hq=16, Hkv=4, Nq=512, Nk=512, P=256, D=128)
+    tensors, _ = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(case.B, case.Hq, case.Nq, case.D, dtype=torch.bfloat16, device="cuda")
+    runs = [
+        torch.autograd.grad(reasoncache.prefix_attention(*tensors, backend="triton"), tensors, dout) for _ in range(3)
+    ]
+    for r in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
+
+
+def test_auto_picks_triton_on_cuda():
+    tensors, _ = make_inputs(Case(B=1, Hq=2, Hkv=1, Nq=8, Nk=8, P=2, D=64), dtype=torch.float16, device="cuda")
+    from reasoncache import backends
+
+    assert backends.resolve("auto", tensors[0])[0].name == "triton"
