@@ -7,8 +7,8 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -60,6 +60,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
 
 def environment(device: str) -> dict:
     """Device name, library versions and git commit: what a result must carry."""
+
     def version(mod):
         try:
             return __import__(mod).__version__
@@ -68,7 +69,9 @@ def environment(device: str) -> dict:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout)
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout
+        )
     except Exception:
         commit, dirty = None, None
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()

@@ -80,10 +80,12 @@ def _sdpa_concat(q, k, v, pk, pv, causal, explicit_mask):
 
 
 METHODS = {
-    "reasoncache-triton": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(q, k, v, pk, pv, causal=c,
-                                                                                   backend="triton"),
-    "reasoncache-torch": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(q, k, v, pk, pv, causal=c,
-                                                                                  backend="torch"),
+    "reasoncache-triton": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(
+        q, k, v, pk, pv, causal=c, backend="triton"
+    ),
+    "reasoncache-torch": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(
+        q, k, v, pk, pv, causal=c, backend="torch"
+    ),
     "sdpa-concat-lower-right": lambda q, k, v, pk, pv, c: _sdpa_concat(q, k, v, pk, pv, c, explicit_mask=False),
     "sdpa-concat-mask": lambda q, k, v, pk, pv, c: _sdpa_concat(q, k, v, pk, pv, c, explicit_mask=True),
 }
@@ -96,8 +98,13 @@ def _inputs(s: Shape, device: str):
     def leaf(*shape):
         return torch.randn(*shape, generator=g, device=device, dtype=dt).requires_grad_()
 
-    return [leaf(s.B, s.Hq, s.N, s.D), leaf(s.B, s.Hkv, s.N, s.D), leaf(s.B, s.Hkv, s.N, s.D),
-            leaf(s.Hkv, s.P, s.D), leaf(s.Hkv, s.P, s.D)]
+    return [
+        leaf(s.B, s.Hq, s.N, s.D),
+        leaf(s.B, s.Hkv, s.N, s.D),
+        leaf(s.B, s.Hkv, s.N, s.D),
+        leaf(s.Hkv, s.P, s.D),
+        leaf(s.Hkv, s.P, s.D),
+    ]
 
 
 def _check(name, fn, tensors, s: Shape) -> float:
@@ -113,38 +120,42 @@ def _check(name, fn, tensors, s: Shape) -> float:
     return err
 
 
+def _time_method(fn, tensors, dout, s: Shape, device: str) -> dict:
+    """fwd, bwd (from a retained graph) and fwd+bwd medians, TFLOP/s and fwd+bwd peak memory."""
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*tensors, s.causal)
+
+    out = fn(*tensors, s.causal)
+
+    def bwd():
+        return torch.autograd.grad(out, tensors, dout, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(*tensors, s.causal), tensors, dout)
+
+    row = {}
+    for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+        ms = time_ms(f, device)
+        row[f"{mode}_ms"] = ms
+        row[f"{mode}_tflops"] = flops(s.B, s.Hq, s.N, s.N, s.P, s.D, s.causal, mode) / (ms * 1e-3) / 1e12
+    row["fwd+bwd_peak_mb"] = peak_memory_mb(fwd_bwd, device)
+    return row
+
+
 def run_shape(s: Shape, device: str, methods: list[str]) -> list[dict]:
     tensors = _inputs(s, device)
     dout = torch.randn(s.B, s.Hq, s.N, s.D, device=device, dtype=DTYPES[s.dtype])
     rows = []
     for name in methods:
-        fn = METHODS[name]
         row = {**asdict(s), "method": name}
         try:
-            row["max_err"] = _check(name, fn, tensors, s)
+            row["max_err"] = _check(name, METHODS[name], tensors, s)
         except (reasoncache.BackendUnavailable, RuntimeError) as e:
             row["skipped"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-            rows.append(row)
-            continue
-
-        def fwd():
-            with torch.no_grad():
-                return fn(*tensors, s.causal)
-
-        out = fn(*tensors, s.causal)
-
-        def bwd():
-            return torch.autograd.grad(out, tensors, dout, retain_graph=True)
-
-        def fwd_bwd():
-            return torch.autograd.grad(fn(*tensors, s.causal), tensors, dout)
-
-        for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
-            ms = time_ms(f, device)
-            row[f"{mode}_ms"] = ms
-            row[f"{mode}_tflops"] = flops(s.B, s.Hq, s.N, s.N, s.P, s.D, s.causal, mode) / (ms * 1e-3) / 1e12
-        row["fwd+bwd_peak_mb"] = peak_memory_mb(fwd_bwd, device)
-        del out
+        else:
+            row.update(_time_method(METHODS[name], tensors, dout, s, device))
         rows.append(row)
     base = {r["method"]: r.get("fwd+bwd_ms") for r in rows}
     for r in rows:
@@ -155,16 +166,29 @@ def run_shape(s: Shape, device: str, methods: list[str]) -> list[dict]:
 
 
 COLUMNS = [
-    ("B", "B"), ("Hq/Hkv", "heads"), ("N", "N"), ("P", "P"), ("D", "D"), ("dtype", "dtype"), ("method", "method"),
-    ("fwd ms", "fwd_ms"), ("fwd TFLOP/s", "fwd_tflops"), ("bwd ms", "bwd_ms"), ("bwd TFLOP/s", "bwd_tflops"),
-    ("fwd+bwd ms", "fwd+bwd_ms"), ("x lower-right", "speedup_vs_sdpa-concat-lower-right"),
-    ("x mask", "speedup_vs_sdpa-concat-mask"), ("peak MiB", "fwd+bwd_peak_mb"), ("max err", "max_err"),
+    ("B", "B"),
+    ("Hq/Hkv", "heads"),
+    ("N", "N"),
+    ("P", "P"),
+    ("D", "D"),
+    ("dtype", "dtype"),
+    ("method", "method"),
+    ("fwd ms", "fwd_ms"),
+    ("fwd TFLOP/s", "fwd_tflops"),
+    ("bwd ms", "bwd_ms"),
+    ("bwd TFLOP/s", "bwd_tflops"),
+    ("fwd+bwd ms", "fwd+bwd_ms"),
+    ("x lower-right", "speedup_vs_sdpa-concat-lower-right"),
+    ("x mask", "speedup_vs_sdpa-concat-mask"),
+    ("peak MiB", "fwd+bwd_peak_mb"),
+    ("max err", "max_err"),
 ]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench kernel", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench kernel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="a couple of small shapes (a smoke test of the harness)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
@@ -183,8 +207,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += run_shape(s, args.device, methods)
     for r in rows:
         r["heads"] = f"{r['Hq']}/{r['Hkv']}"
-    print(f"# prefix attention kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {(env['git_commit'] or '?')[:9]})\n")
+    print(
+        f"# prefix attention kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+        f"commit {(env['git_commit'] or '?')[:9]})\n"
+    )
     print(markdown_table([r for r in rows if "skipped" not in r], COLUMNS))
     for r in rows:
         if "skipped" in r:
