@@ -18,6 +18,8 @@ CASES = [
     Case(Hq=8, Hkv=1, Nq=20, Nk=37, P=17, D=64, pad="left"),  # left padding, MQA
     Case(Hq=4, Hkv=2, Nq=37, Nk=37, P=1, D=32, causal=False, pad="right"),
     Case(Hq=4, Hkv=2, Nq=37, Nk=37, P=0, D=32, pad="left"),  # padded rows with no key at all
+    Case(B=1, Hq=2, Hkv=1, Nq=9, Nk=9, P=3, D=8),  # smallest head dim (padded to 16)
+    Case(B=1, Hq=2, Hkv=1, Nq=9, Nk=9, P=3, D=256),  # largest head dim
 ]
 
 
