@@ -103,10 +103,10 @@ def _bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn,
     stride_gb, stride_gh, stride_gn, stride_gd,
-    H_KV, N_Q, N_K, qk_scale, sm_scale,
+    H_KV, N_Q, N_K, WINDOW, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1) // H_KV
@@ -137,6 +137,8 @@ def _bwd_dkdv_kernel(
         visible = col_ok[None, :]
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > qi[:, None] + diag - WINDOW)
         p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
@@ -152,9 +154,9 @@ def _bwd_dkdv_kernel(
 def _dq_tile_loop(
     dq, q, do, lse2, delta, qi, K, V, KPM,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-    start, end, n_limit, diag, qk_scale,
+    start, end, n_limit, diag, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -164,6 +166,8 @@ def _dq_tile_loop(
         visible = n_ok[None, :]
         if CAUSAL_MASK:
             visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
+        if WINDOW_MASK:
+            visible = visible & (offs_n[None, :] > qi[:, None] + diag - window)
         if HAS_KPM:
             visible = visible & (tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0) != 0)[None, :]
         p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION)
@@ -183,10 +187,10 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H_KV, N_Q, N_K, P, qk_scale, sm_scale,
+    H_KV, N_Q, N_K, P, WINDOW, qk_scale, sm_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // H_KV
@@ -201,19 +205,22 @@ def _bwd_dq_kernel(
     dq = _dq_tile_loop(
         dq, q, do, lse2, delta, qi, PK + hk * stride_pkh, PV + hk * stride_pvh, KPM,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_mn,
-        0, P, P, 0, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+        0, P, P, 0, 0, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, DOT_PRECISION)
     diag = N_K - N_Q
+    start = 0
     end = N_K
     if IS_CAUSAL:
         qi_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, N_Q - 1)
         end = tl.maximum(tl.minimum(qi_hi + diag + 1, N_K), 0)
+    if HAS_WINDOW:
+        start = (tl.maximum((pid_m * BLOCK_M) // GROUP + diag - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
     dq = _dq_tile_loop(
         dq, q, do, lse2, delta, qi, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
         KPM + b * stride_mb,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-        0, end, N_K, diag, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_KPM, DOT_PRECISION)
+        start, end, N_K, diag, WINDOW, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_KPM, DOT_PRECISION)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(DQ + b * stride_dqb + h[:, None] * stride_dqh + qi[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -265,8 +272,8 @@ def _bwd_dprefix_kernel(
 
 
 _KEY = ["BLOCK_D", "GROUP", "DOT_PRECISION"]
-_dkdv_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY + ["IS_CAUSAL"])(_bwd_dkdv_kernel)
-_dq_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY + ["IS_CAUSAL"])(_bwd_dq_kernel)
+_dkdv_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY + ["IS_CAUSAL", "HAS_WINDOW"])(_bwd_dkdv_kernel)
+_dq_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY + ["IS_CAUSAL", "HAS_WINDOW"])(_bwd_dq_kernel)
 _dprefix_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY)(_bwd_dprefix_kernel)
 
 
@@ -295,12 +302,13 @@ def prefix_attention_bwd(
     lse: torch.Tensor,
     causal: bool,
     softmax_scale: float,
+    window: int = 0,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels. Inputs are validated by the caller.
 
     Shapes as in the forward; dout ``[B, Hq, Nq, D]``, dlse ``[B, Hq, Nq]`` fp32 or None,
-    out/lse the forward's outputs. ``splits`` overrides the prefix-gradient split count
+    out/lse the forward's outputs, window as in the forward. ``splits`` overrides the prefix-gradient split count
     (tests use it to exercise the partial-sum path). Returns contiguous
     ``dq, dk, dv, dprefix_k, dprefix_v`` in their inputs' dtypes; the prefix gradients
     are summed over the batch.
@@ -334,15 +342,15 @@ def prefix_attention_bwd(
         _dkdv_autotuned[lambda c: (triton.cdiv(Nk, c["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, kpm, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *kpm.stride(), *dk.stride(),
-            Hkv, Nq, Nk, qk_scale, softmax_scale,
-            GROUP=group, IS_CAUSAL=causal, HAS_KPM=has_kpm, DOT_PRECISION=prec, **meta)
+            Hkv, Nq, Nk, window, qk_scale, softmax_scale,
+            GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=has_kpm, DOT_PRECISION=prec, **meta)
 
     _dq_autotuned[lambda c: (triton.cdiv(Nq * group, c["BLOCK_M"]), B * Hkv)](
         q, k, v, prefix_k, prefix_v, dout, lse, delta, kpm, dq,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *dout.stride(), *lse.stride(), *kpm.stride(), *dq.stride(),
-        Hkv, Nq, Nk, P, qk_scale, softmax_scale,
-        GROUP=group, IS_CAUSAL=causal, HAS_KPM=has_kpm, DOT_PRECISION=prec, **meta)
+        Hkv, Nq, Nk, P, window, qk_scale, softmax_scale,
+        GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=has_kpm, DOT_PRECISION=prec, **meta)
 
     if P == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)

@@ -24,9 +24,9 @@ def _fwd_tile_loop(
     acc, l_i, m_i, q, qi,
     K, V, KPM,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-    start, end, n_limit, diag, qk_scale,
+    start, end, n_limit, diag, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over keys [start, end) of one K/V."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -40,6 +40,8 @@ def _fwd_tile_loop(
         visible = n_ok[None, :]
         if CAUSAL_MASK:
             visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
+        if WINDOW_MASK:
+            visible = visible & (offs_n[None, :] > qi[:, None] + diag - window)
         if HAS_KPM:
             real = tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0)
             visible = visible & (real[None, :] != 0)
@@ -70,10 +72,10 @@ def _fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    H_KV, N_Q, N_K, P, qk_scale,
+    H_KV, N_Q, N_K, P, WINDOW, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -99,10 +101,11 @@ def _fwd_kernel(
     acc, l_i, m_i = _fwd_tile_loop(
         acc, l_i, m_i, q, qi, PK + hk * stride_pkh, PV + hk * stride_pvh, KPM,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_mn,
-        0, P, P, 0, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, DOT_PRECISION)
+        0, P, P, 0, 0, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, DOT_PRECISION)
 
-    # 2) own keys, bottom-right causal: query i sees key j iff j <= i + diag.
+    # 2) own keys, bottom-right causal: query i sees key j iff j <= i + diag (and, with a
+    #    sliding window, j > i + diag - WINDOW).
     K_b = K + b * stride_kb + hk * stride_kh
     V_b = V + b * stride_vb + hk * stride_vh
     KPM_b = KPM + b * stride_mb
@@ -113,22 +116,26 @@ def _fwd_kernel(
         full_end = tl.maximum(tl.minimum(qi_lo + diag + 1, N_K), 0)
         full_end = (full_end // BLOCK_N) * BLOCK_N
         diag_end = tl.maximum(tl.minimum(qi_hi + diag + 1, N_K), 0)
+        start = 0
+        if HAS_WINDOW:
+            start = (tl.maximum(qi_lo + diag - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+            full_end = tl.maximum(full_end, start)
         acc, l_i, m_i = _fwd_tile_loop(
             acc, l_i, m_i, q, qi, K_b, V_b, KPM_b,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            0, full_end, N_K, diag, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DOT_PRECISION)
+            start, full_end, N_K, diag, WINDOW, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_WINDOW, HAS_KPM, DOT_PRECISION)
         acc, l_i, m_i = _fwd_tile_loop(
             acc, l_i, m_i, q, qi, K_b, V_b, KPM_b,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            full_end, diag_end, N_K, diag, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DOT_PRECISION)
+            full_end, diag_end, N_K, diag, WINDOW, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_WINDOW, HAS_KPM, DOT_PRECISION)
     else:
         acc, l_i, m_i = _fwd_tile_loop(
             acc, l_i, m_i, q, qi, K_b, V_b, KPM_b,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-            0, N_K, N_K, diag, qk_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DOT_PRECISION)
+            0, N_K, N_K, diag, 0, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_KPM, DOT_PRECISION)
 
     # A row that saw no key (P == 0, all own keys masked) gets 0 and lse = -inf.
     empty = l_i == 0.0
@@ -148,11 +155,13 @@ def prefix_attention_fwd(
     key_padding_mask: torch.Tensor | None,
     causal: bool,
     softmax_scale: float,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by the caller.
 
     Shapes: q ``[B, Hq, Nq, D]`` (any strides), k/v ``[B, Hkv, Nk, D]``, prefix_k/v
-    ``[Hkv, P, D]``, key_padding_mask ``[B, Nk]`` bool or None.
+    ``[Hkv, P, D]``, key_padding_mask ``[B, Nk]`` bool or None, window > 0 a causal sliding
+    window over own keys (0: none).
     Returns out ``[B, Hq, Nq, D]`` (contiguous, q's dtype) and lse ``[B, Hq, Nq]`` fp32.
     """
     B, Hq, Nq, D = q.shape
@@ -174,13 +183,13 @@ def prefix_attention_fwd(
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_k.stride(), *prefix_v.stride(), *kpm.stride(),
         *out.stride(), *lse.stride(),
-        Hkv, Nq, Nk, P, softmax_scale * LOG2E,
-        GROUP=group, IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+        Hkv, Nq, Nk, P, window, softmax_scale * LOG2E,
+        GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
         DOT_PRECISION=dot_precision(q.dtype), **meta,
     )
     return out, lse
 
 
 _fwd_autotuned = triton.autotune(
-    configs=fwd_configs(), key=["BLOCK_D", "GROUP", "IS_CAUSAL", "DOT_PRECISION"]
+    configs=fwd_configs(), key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "DOT_PRECISION"]
 )(_fwd_kernel)

@@ -13,7 +13,7 @@ from .op import prefix_attention_fwd
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale) -> None:
+def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, sliding_window) -> None:
     named = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
     for name, t in named.items():
         if not isinstance(t, Tensor):
@@ -58,6 +58,11 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+        if not causal:
+            raise ValueError("sliding_window needs causal=True (it limits how far back a query looks)")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
 
@@ -73,6 +78,7 @@ def prefix_attention(
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
     return_lse: bool = False,
+    sliding_window: int | None = None,
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a learned prefix shared by the batch, then over each sequence's own keys.
@@ -90,6 +96,9 @@ def prefix_attention(
         key_padding_mask: optional ``[B, Nk]`` bool, True = real key (left or right
             padding). The prefix is never masked.
         return_lse: also return the log-sum-exp of each query's scores.
+        sliding_window: with ``causal``, query ``i`` sees only own keys ``j`` with
+            ``i + Nk - Nq - sliding_window < j`` (Mistral/Gemma-style local layers). The
+            prefix stays visible to every query.
         backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic; the
             ``REASONCACHE_BACKEND`` environment variable overrides the automatic choice).
 
@@ -100,8 +109,9 @@ def prefix_attention(
     Gradients flow to q, k, v, prefix_k and prefix_v; the prefix gradient is summed over
     the batch and is bitwise reproducible from run to run.
     """
-    _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale)
+    _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, sliding_window)
     name = backends.check_name(backend)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, name)
+    window = sliding_window or 0
+    out, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, window, name)
     return (out, lse) if return_lse else out

@@ -33,14 +33,26 @@ def _torch_reasons(q: Tensor) -> list[str]:
     return []
 
 
-def _torch_fwd(q, k, v, pk, pv, kpm, causal, scale):
-    out, lse = prefix_attention_ref(q, k, v, pk, pv, causal=causal, softmax_scale=scale, key_padding_mask=kpm)
+def _torch_fwd(q, k, v, pk, pv, kpm, causal, scale, window):
+    out, lse = prefix_attention_ref(
+        q, k, v, pk, pv, causal=causal, softmax_scale=scale, key_padding_mask=kpm, sliding_window=window or None
+    )
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
-def _torch_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale):
+def _torch_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale, window):
     grads = prefix_attention_ref_bwd(
-        dout, dlse, q, k, v, pk, pv, causal=causal, softmax_scale=scale, key_padding_mask=kpm
+        dout,
+        dlse,
+        q,
+        k,
+        v,
+        pk,
+        pv,
+        causal=causal,
+        softmax_scale=scale,
+        key_padding_mask=kpm,
+        sliding_window=window or None,
     )
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, pk, pv)))
 

@@ -25,14 +25,17 @@ def prefix_attention_fwd(
     key_padding_mask: Tensor | None,
     causal: bool,
     softmax_scale: float,
+    sliding_window: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """out ``[B, Hq, Nq, D]`` (q's dtype, contiguous), lse ``[B, Hq, Nq]`` fp32."""
-    return backends.run("fwd", backend, q, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale)
+    """out ``[B, Hq, Nq, D]`` (q's dtype, contiguous), lse ``[B, Hq, Nq]`` fp32. ``sliding_window`` 0: none."""
+    return backends.run(
+        "fwd", backend, q, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, sliding_window
+    )
 
 
 @prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend):
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, sliding_window, backend):
     B, Hq, Nq, D = q.shape
     return q.new_empty((B, Hq, Nq, D)), q.new_empty((B, Hq, Nq), dtype=torch.float32)
 
@@ -51,44 +54,32 @@ def prefix_attention_bwd(
     lse: Tensor,
     causal: bool,
     softmax_scale: float,
+    sliding_window: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, dprefix_k, dprefix_v (contiguous, inputs' dtypes; prefix grads summed over batch)."""
-    return backends.run(
-        "bwd", backend, q, dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale
-    )
+    args = (dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale, sliding_window)
+    return backends.run("bwd", backend, q, *args)
 
 
 @prefix_attention_bwd.register_fake
-def _(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale, backend):
+def _(
+    dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale, sliding_window, backend
+):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, prefix_k, prefix_v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend = inputs
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, sliding_window, backend = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
-    ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
+    ctx.args = (causal, softmax_scale, sliding_window, backend)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
-    grads = prefix_attention_bwd(
-        dout,
-        dlse,
-        q,
-        k,
-        v,
-        prefix_k,
-        prefix_v,
-        key_padding_mask,
-        out,
-        lse,
-        ctx.causal,
-        ctx.softmax_scale,
-        ctx.backend,
-    )
-    return (*grads, None, None, None, None)
+    grads = prefix_attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, *ctx.args)
+    return (*grads, None, None, None, None, None)
 
 
 prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -24,6 +24,7 @@ def prefix_attention_ref(
     causal: bool = True,
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
+    sliding_window: int | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Naive prefix attention.
@@ -36,6 +37,8 @@ def prefix_attention_ref(
             ``j <= i + Nk - Nq``.
         softmax_scale: defaults to ``1/sqrt(D)``.
         key_padding_mask: ``[B, Nk]`` bool, True marks a real key. Never masks the prefix.
+        sliding_window: with ``causal``, query ``i`` also needs ``j > i + Nk - Nq - sliding_window``
+            (own keys only; the prefix stays visible).
         compute_dtype: defaults to fp32 (fp64 stays fp64).
 
     Returns:
@@ -43,7 +46,7 @@ def prefix_attention_ref(
         ``-inf`` for a query that sees no key at all; its output row is 0).
     """
     qg, k, v, pk, pv, p, lse, scale = _probs(
-        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, compute_dtype
+        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, compute_dtype
     )
     P = pk.shape[1]
     out = torch.einsum("bhgqp,hpd->bhgqd", p[..., :P], pv)
@@ -63,6 +66,7 @@ def prefix_attention_ref_bwd(
     causal: bool = True,
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Explicit backward of ``prefix_attention_ref`` (the same math as the kernels).
 
@@ -70,7 +74,9 @@ def prefix_attention_ref_bwd(
     dprefix_k, dprefix_v`` in the compute dtype; the prefix gradients ``[Hkv, P, D]``
     are summed over the batch by the einsum contraction, without a per-sequence copy.
     """
-    qg, k, v, pk, pv, p, lse, scale = _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, None)
+    qg, k, v, pk, pv, p, lse, scale = _probs(
+        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, None
+    )
     P = pk.shape[1]
     do = dout.to(qg.dtype).reshape(qg.shape)
     dp = torch.cat([torch.einsum("bhgqd,hpd->bhgqp", do, pv), torch.einsum("bhgqd,bhkd->bhgqk", do, v)], dim=-1)
@@ -86,7 +92,7 @@ def prefix_attention_ref_bwd(
     return dq.reshape(q.shape), dk, dv, dpk, dpv
 
 
-def _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, compute_dtype):
+def _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, compute_dtype):
     """Upcast, score against prefix and own keys, mask, softmax.
 
     Returns the grouped ``qg [B, Hkv, G, Nq, D]``, upcast k, v, prefix_k, prefix_v,
@@ -108,6 +114,8 @@ def _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask,
     visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
     if causal:
         visible = visible.tril(diagonal=Nk - Nq)
+        if sliding_window is not None:
+            visible = visible.triu(diagonal=Nk - Nq - sliding_window + 1)
     visible = visible.expand(B, 1, 1, Nq, Nk)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, None, :]

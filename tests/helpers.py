@@ -25,11 +25,13 @@ class Case:
     D: int = 32
     causal: bool = True
     pad: str | None = None  # "left" or "right": the first sequence loses a third of its keys
+    window: int | None = None  # causal sliding window over own keys
 
     def __str__(self):
         mode = "causal" if self.causal else "full"
         s = f"B{self.B}-h{self.Hq}/{self.Hkv}-q{self.Nq}-k{self.Nk}-P{self.P}-d{self.D}-{mode}"
-        return s + (f"-{self.pad}pad" if self.pad else "")
+        s += f"-{self.pad}pad" if self.pad else ""
+        return s + (f"-win{self.window}" if self.window else "")
 
 
 def make_inputs(c: Case, dtype=torch.float32, device="cpu", transposed_q=False):
@@ -60,10 +62,12 @@ def make_inputs(c: Case, dtype=torch.float32, device="cpu", transposed_q=False):
     return tensors, mask
 
 
-def oracle(tensors, mask, dout, dlse, causal, scale=None):
+def oracle(tensors, mask, dout, dlse, causal, scale=None, window=None):
     """fp64 reference outputs and the five gradients (out, lse, [dq, dk, dv, dpk, dpv])."""
     leaves = [t.detach().double().requires_grad_() for t in tensors]
-    out, lse = prefix_attention_ref(*leaves, causal=causal, softmax_scale=scale, key_padding_mask=mask)
+    out, lse = prefix_attention_ref(
+        *leaves, causal=causal, softmax_scale=scale, key_padding_mask=mask, sliding_window=window
+    )
     finite = torch.isfinite(lse)
     grads = torch.autograd.grad((out, lse[finite]), leaves, (dout.double(), dlse.double()[finite]), allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]

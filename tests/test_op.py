@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
     tensors, mask = make_inputs(Case(B=2, Hq=4, Hkv=2, Nq=7, Nk=9, P=3, D=16, pad="left"))
-    args = (*tensors, mask, True, 0.25, backend)
+    args = (*tensors, mask, True, 0.25, 0, backend)
     torch.library.opcheck(torch.ops.reasoncache.prefix_attention_fwd.default, args)
 
 
@@ -37,12 +37,15 @@ def test_compile_fullgraph_forward_and_backward(backend):
         assert max_err(g, w) < 1e-5
 
 
-def test_torch_backend_matches_fp64_oracle_with_padding_and_lse_grad():
+@pytest.mark.parametrize("window", [None, 7])
+def test_torch_backend_matches_fp64_oracle_with_padding_and_lse_grad(window):
     case = Case(Hq=8, Hkv=2, Nq=11, Nk=23, P=5, D=24, pad="left")
     tensors, mask = make_inputs(case)
     dout, dlse = torch.randn(case.B, case.Hq, case.Nq, case.D), torch.randn(case.B, case.Hq, case.Nq)
-    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, True)
-    out, lse = reasoncache.prefix_attention(*tensors, key_padding_mask=mask, return_lse=True, backend="torch")
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, True, window=window)
+    out, lse = reasoncache.prefix_attention(
+        *tensors, key_padding_mask=mask, return_lse=True, sliding_window=window, backend="torch"
+    )
     assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
     for g, r in zip(torch.autograd.grad((out, lse), tensors, (dout, dlse)), ref_grads):
         assert max_err(g, r) < 1e-5
@@ -62,6 +65,22 @@ def test_reference_equals_explicit_concatenation():
     allowed[:, :, case.P :] &= mask[:, None, :]
     want = torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=allowed[:, None])
     got, _ = reasoncache.prefix_attention_ref(q, k, v, pk, pv, key_padding_mask=mask)
+    assert max_err(got, want) < 1e-12
+
+
+def test_reference_sliding_window_matches_explicit_mask():
+    case = Case(B=1, Hq=2, Hkv=1, Nq=5, Nk=9, P=3, D=8)
+    (q, k, v, pk, pv), _ = make_inputs(case)
+    q, k, v, pk, pv = [t.detach().double() for t in (q, k, v, pk, pv)]
+    W = 3
+    allowed = torch.zeros(case.Nq, case.P + case.Nk, dtype=torch.bool)
+    allowed[:, : case.P] = True
+    for i in range(case.Nq):
+        last = i + case.Nk - case.Nq  # bottom-right causal
+        allowed[i, case.P + max(0, last - W + 1) : case.P + last + 1] = True
+    kc, vc = torch.cat([pk[None], k], 2).repeat_interleave(2, 1), torch.cat([pv[None], v], 2).repeat_interleave(2, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=allowed)
+    got, _ = reasoncache.prefix_attention_ref(q, k, v, pk, pv, sliding_window=W)
     assert max_err(got, want) < 1e-12
 
 
@@ -205,6 +224,10 @@ def test_bad_scalars():
         reasoncache.prefix_attention(*t.values(), causal=1)
     with pytest.raises(ValueError, match="softmax_scale"):
         reasoncache.prefix_attention(*t.values(), softmax_scale=float("nan"))
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        reasoncache.prefix_attention(*t.values(), sliding_window=0)
+    with pytest.raises(ValueError, match="sliding_window needs causal=True"):
+        reasoncache.prefix_attention(*t.values(), sliding_window=4, causal=False)
 
 
 def test_kernels_never_import_as_a_top_level_module():

@@ -19,6 +19,8 @@ CASES = [
     Case(Hq=4, Hkv=2, Nq=37, Nk=37, P=1, D=32, causal=False, pad="right"),
     Case(Hq=4, Hkv=2, Nq=37, Nk=37, P=0, D=32, pad="left"),  # padded rows with no key at all
     Case(B=1, Hq=2, Hkv=1, Nq=9, Nk=9, P=3, D=8),  # smallest head dim (padded to 16)
+    Case(Hq=4, Hkv=2, Nq=63, Nk=63, P=17, D=32, window=20),  # sliding window (Mistral/Gemma local layers)
+    Case(Hq=4, Hkv=1, Nq=9, Nk=63, P=0, D=32, window=5, pad="left"),  # chunked prefill, window, padding
     Case(B=1, Hq=2, Hkv=1, Nq=9, Nk=9, P=3, D=256),  # largest head dim
 ]
 
@@ -28,10 +30,15 @@ def test_forward_lse_and_five_grads_match_fp64(case, poison_empty):
     tensors, mask = make_inputs(case)
     dout = torch.randn(case.B, case.Hq, case.Nq, case.D)
     dlse = torch.randn(case.B, case.Hq, case.Nq)
-    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, case.causal)
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, case.causal, window=case.window)
 
     out, lse = reasoncache.prefix_attention(
-        *tensors, causal=case.causal, key_padding_mask=mask, return_lse=True, backend="triton"
+        *tensors,
+        causal=case.causal,
+        key_padding_mask=mask,
+        return_lse=True,
+        sliding_window=case.window,
+        backend="triton",
     )
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert max_err(out, ref_out) < 1e-5
@@ -85,7 +92,7 @@ def test_prefix_gradient_split_count_only_changes_rounding(splits):
     q, k, v, pk, pv = [t.detach() for t in tensors]
     out, lse = kernels.prefix_attention_fwd(q, k, v, pk, pv, None, True, case.D**-0.5)
     dout = torch.randn_like(out)
-    grads = kernels.prefix_attention_bwd(dout, None, q, k, v, pk, pv, None, out, lse, True, case.D**-0.5, splits)
+    grads = kernels.prefix_attention_bwd(dout, None, q, k, v, pk, pv, None, out, lse, True, case.D**-0.5, splits=splits)
     _, _, ref = oracle(tensors, None, dout, torch.zeros_like(lse), True)
     assert max_err(grads[3], ref[3]) < 2e-5 and max_err(grads[4], ref[4]) < 2e-5
 
