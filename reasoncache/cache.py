@@ -1,0 +1,300 @@
+"""``ReasonCache``: the learned per-layer key/value prefix of a frozen model."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .hf.models import ModelShape, fingerprint, model_shape, rotate_keys, text_config, uses_absolute_positions
+from .hf.patch import record_keys_values
+
+CONFIG_NAME = "reasoncache_config.json"
+WEIGHTS_NAME = "reasoncache.safetensors"
+
+
+class ReasonCache(nn.Module):
+    """Per-layer prefix keys and values ``[Hkv, P, D]``, shared by every sequence of a batch.
+
+    Keys are stored post-RoPE, as the model's own cache stores them: a query at position
+    ``i`` sees prefix key ``p`` as if it sat at position ``p - P`` (demonstrations placed just
+    before the input). Build one with ``for_model``, ``from_demonstrations``, ``from_peft``
+    or ``from_pretrained``; plug it in with ``reasoncache.patch(model, cache)``.
+
+    Options:
+        sink: keep prefix position 0 frozen (an attention sink); the other ``P - 1`` train.
+        reparam_hidden: if > 0, learn the prefix through an MLP (Li & Liang's prefix
+            tuning): ``prefix = init + MLP(embedding)``, the MLP's last layer starting at zero
+            so training starts exactly at ``init``. ``fold()`` turns it back into tensors.
+    """
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        keys: Tensor,
+        values: Tensor,
+        *,
+        sink: bool = False,
+        reparam_hidden: int = 0,
+        model_fingerprint: str | None = None,
+        position_offset: int = 0,
+    ):
+        super().__init__()
+        expect = (shape.num_layers, shape.num_kv_heads, keys.shape[2], shape.head_dim)
+        for name, t in (("keys", keys), ("values", values)):
+            if tuple(t.shape) != expect:
+                raise ValueError(f"{name} must be [layers, kv heads, P, head dim] = {expect}, got {tuple(t.shape)}")
+        if keys.shape[2] < 1:
+            raise ValueError("a ReasonCache needs at least one prefix position (P >= 1)")
+        if sink and keys.shape[2] < 2:
+            raise ValueError("sink=True freezes position 0, so it needs prefix_len >= 2")
+        self.shape = shape
+        self.prefix_len = keys.shape[2]
+        self.sink = sink
+        self.reparam_hidden = int(reparam_hidden)
+        self.model_fingerprint = model_fingerprint
+        self.position_offset = position_offset
+        keys, values = keys.detach().float(), values.detach().float()
+        if sink:
+            self.register_buffer("sink_keys", keys[:, :, :1].clone())
+            self.register_buffer("sink_values", values[:, :, :1].clone())
+            keys, values = keys[:, :, 1:], values[:, :, 1:]
+        if self.reparam_hidden:
+            L, H, P, D = keys.shape
+            h = self.reparam_hidden
+            self.register_buffer("base_keys", keys.clone())
+            self.register_buffer("base_values", values.clone())
+            self.embedding = nn.Parameter(torch.randn(P, h) / math.sqrt(h))
+            self.mlp = nn.Sequential(nn.Linear(h, h), nn.Tanh())
+            self.head_weight = nn.Parameter(torch.zeros(L, h, 2 * H * D))
+            self.head_bias = nn.Parameter(torch.zeros(L, 2 * H * D))
+        else:
+            self.keys = nn.Parameter(keys.clone())
+            self.values = nn.Parameter(values.clone())
+
+    # ------------------------------------------------------------------ access
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Prefix of layer ``i``: ``(keys, values)``, each ``[Hkv, P, D]`` fp32."""
+        if self.reparam_hidden:
+            L, H, P, D = self.base_keys.shape
+            delta = self.mlp(self.embedding) @ self.head_weight[i] + self.head_bias[i]  # [P, 2*H*D]
+            dk, dv = delta.view(P, 2, H, D).permute(1, 2, 0, 3)
+            k, v = self.base_keys[i] + dk, self.base_values[i] + dv
+        else:
+            k, v = self.keys[i], self.values[i]
+        if self.sink:
+            k = torch.cat([self.sink_keys[i], k], dim=1)
+            v = torch.cat([self.sink_values[i], v], dim=1)
+        return k, v
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All layers: keys and values ``[L, Hkv, P, D]`` each."""
+        pairs = [self.layer(i) for i in range(self.shape.num_layers)]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
+    @torch.no_grad()
+    def fold(self) -> ReasonCache:
+        """Replace the MLP reparametrization by the plain tensors it produces (in place)."""
+        if not self.reparam_hidden:
+            return self
+        k, v = self.tensors()
+        if self.sink:
+            k, v = k[:, :, 1:], v[:, :, 1:]
+        for name in ("embedding", "head_weight", "head_bias"):
+            delattr(self, name)
+        del self.mlp, self.base_keys, self.base_values
+        self.keys, self.values = nn.Parameter(k.clone()), nn.Parameter(v.clone())
+        self.reparam_hidden = 0
+        return self
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        s = self.shape
+        return (
+            f"{s.model_type}: {s.num_layers} layers x {s.num_kv_heads} kv heads x P={self.prefix_len} x "
+            f"D={s.head_dim}, sink={self.sink}, reparam_hidden={self.reparam_hidden}"
+        )
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        prefix_len: int = 64,
+        init: str = "random",
+        *,
+        seed: int = 0,
+        sink: bool = False,
+        reparam_hidden: int = 0,
+    ) -> ReasonCache:
+        """A fresh prefix for ``model``.
+
+        ``init="random"``: Gaussian keys/values with each layer's own key/value scale
+        (measured on one forward pass over random tokens). ``init="tokens"``: the
+        keys/values of ``prefix_len`` random vocabulary tokens placed before the input.
+        """
+        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+            raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
+        if init not in ("random", "tokens"):
+            raise ValueError(f"init must be 'random' or 'tokens' (or use from_demonstrations), got {init!r}")
+        g = torch.Generator().manual_seed(seed)
+        vocab = text_config(model).vocab_size
+        device = next(model.parameters()).device
+        if init == "tokens":
+            ids = torch.randint(vocab, (1, prefix_len), generator=g).to(device)
+            return cls.from_demonstrations(model, ids, sink=sink, reparam_hidden=reparam_hidden)
+        probe = torch.randint(vocab, (1, 32), generator=g).to(device)
+        k, v = record_keys_values(model, probe, torch.arange(32, device=device)[None])
+        shape = model_shape(model)
+        std_k, std_v = k.std(dim=(1, 2, 3)), v.std(dim=(1, 2, 3))
+        size = (shape.num_layers, shape.num_kv_heads, prefix_len, shape.head_dim)
+        keys = torch.randn(size, generator=g) * std_k.cpu()[:, None, None, None]
+        values = torch.randn(size, generator=g) * std_v.cpu()[:, None, None, None]
+        return cls(
+            shape,
+            keys,
+            values,
+            sink=sink,
+            reparam_hidden=reparam_hidden,
+            model_fingerprint=fingerprint(model),
+            position_offset=0,
+        ).to(device)
+
+    @classmethod
+    def from_demonstrations(
+        cls, model: nn.Module, demo_ids: Tensor, *, sink: bool = False, reparam_hidden: int = 0
+    ) -> ReasonCache:
+        """The keys and values the model computes for ``demo_ids [1, P]`` placed right before
+        its input (positions ``-P..-1``; absolute-position models such as GPT-2 instead see
+        the demonstrations at ``0..P-1`` and, once patched, their input shifted by ``P``).
+        The patched model then gives the same logits as the unpatched model on
+        demonstrations + input: ReasonCACHE's natural initialization."""
+        if not isinstance(demo_ids, Tensor) or demo_ids.dtype not in (torch.int32, torch.int64):
+            got = demo_ids.dtype if isinstance(demo_ids, Tensor) else type(demo_ids).__name__
+            raise TypeError(f"demo_ids must be an integer tensor of token ids [1, P], got {got}")
+        if demo_ids.dim() != 2 or demo_ids.shape[0] != 1 or demo_ids.shape[1] < 1:
+            raise ValueError(
+                f"demo_ids must be [1, P] with P >= 1 (one demonstration sequence), got {tuple(demo_ids.shape)}"
+            )
+        vocab = text_config(model).vocab_size
+        if int(demo_ids.min()) < 0 or int(demo_ids.max()) >= vocab:
+            raise ValueError(
+                f"demo_ids must lie in [0, vocab_size={vocab}), got range "
+                f"[{int(demo_ids.min())}, {int(demo_ids.max())}]"
+            )
+        device = next(model.parameters()).device
+        P = demo_ids.shape[1]
+        absolute = uses_absolute_positions(model)
+        start = 0 if absolute else -P
+        pos = torch.arange(start, start + P, device=device)[None]
+        k, v = record_keys_values(model, demo_ids.to(device), pos)
+        return cls(
+            model_shape(model),
+            k,
+            v,
+            sink=sink,
+            reparam_hidden=reparam_hidden,
+            model_fingerprint=fingerprint(model),
+            position_offset=P if absolute else 0,
+        ).to(device)
+
+    @classmethod
+    def from_peft(cls, peft_model, base_model: nn.Module | None = None) -> ReasonCache:
+        """Convert a PEFT prefix-tuning model (or a saved PEFT folder, with ``base_model``).
+
+        PEFT places its virtual tokens in the KV cache and shifts the input's positions by
+        ``P``; reasoncache keeps the input at ``0..N-1``, so each layer's prefix keys are
+        rotated by ``-P`` positions with the model's own rotary embedding (GPT-2-style models
+        keep the shift instead). The patched base model then reproduces PEFT's logits."""
+        from .hf.peft_convert import peft_prefix
+
+        base, keys, values = peft_prefix(peft_model, base_model)
+        P = keys.shape[2]
+        absolute = uses_absolute_positions(base)
+        if not absolute:
+            keys = torch.stack([rotate_keys(base, i, keys[i], -P) for i in range(keys.shape[0])])
+        return cls(
+            model_shape(base), keys, values, model_fingerprint=fingerprint(base), position_offset=P if absolute else 0
+        ).to(keys.device)
+
+    # ------------------------------------------------------------------ compatibility
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise ValueError naming every difference between this cache's model and ``model``."""
+        diffs = self.shape.differences(model_shape(model))
+        if diffs:
+            raise ValueError("this ReasonCache was built for another model: " + "; ".join(diffs))
+        fp = fingerprint(model)
+        if self.model_fingerprint and fp != self.model_fingerprint:
+            warnings.warn(
+                f"ReasonCache: the model's config fingerprint {fp} differs from the one the cache was built for "
+                f"({self.model_fingerprint}); shapes match, so it loads, but check it is the same model",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ saving
+    def config_dict(self) -> dict:
+        from . import __version__
+
+        return {
+            "format": "reasoncache",
+            "reasoncache_version": __version__,
+            "model_type": self.shape.model_type,
+            "num_layers": self.shape.num_layers,
+            "num_kv_heads": self.shape.num_kv_heads,
+            "head_dim": self.shape.head_dim,
+            "prefix_len": self.prefix_len,
+            "dtype": "float32",
+            "sink": self.sink,
+            "reparam_hidden": self.reparam_hidden,
+            "position_offset": self.position_offset,
+            "model_fingerprint": self.model_fingerprint,
+        }
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``reasoncache.safetensors`` and ``reasoncache_config.json`` into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: t.detach().cpu().contiguous() for k, t in self.state_dict().items()}
+        tmp = folder / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(folder / WEIGHTS_NAME)
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, model: nn.Module | None = None, device: str | torch.device | None = None
+    ) -> ReasonCache:
+        """Load a saved cache; with ``model``, check it fits (a clear error says what differs)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg_path = folder / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}; is it a folder written by save_pretrained?")
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("format") != "reasoncache":
+            raise ValueError(f"{cfg_path} is not a reasoncache config (format={cfg.get('format')!r})")
+        shape = ModelShape(cfg["model_type"], cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"])
+        size = (shape.num_layers, shape.num_kv_heads, cfg["prefix_len"], shape.head_dim)
+        cache = cls(
+            shape,
+            torch.zeros(size),
+            torch.zeros(size),
+            sink=cfg["sink"],
+            reparam_hidden=cfg["reparam_hidden"],
+            model_fingerprint=cfg.get("model_fingerprint"),
+            position_offset=cfg.get("position_offset", 0),
+        )
+        cache.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        if model is not None:
+            cache.check_compatible(model)
+            device = device or next(model.parameters()).device
+        return cache.to(device) if device is not None else cache

@@ -1,0 +1,5 @@
+"""Hugging Face transformers integration: patch a decoder to use the fused prefix op."""
+
+from .patch import patch, unpatch
+
+__all__ = ["patch", "unpatch"]

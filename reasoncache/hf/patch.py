@@ -1,0 +1,159 @@
+"""``patch`` / ``unpatch``: route a Hugging Face decoder's attention through the fused op."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .attention import NAME, register
+from .models import attention_modules, text_config
+
+_STATE = "_rc_state"
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # very old transformers
+        model.config._attn_implementation = name
+    if text_config(model)._attn_implementation != name:
+        raise TypeError(f"{type(model).__name__} did not accept attn_implementation={name!r}")
+
+
+def _check_supported(model: nn.Module) -> list[nn.Module]:
+    if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
+        raise TypeError(
+            f"{type(model).__name__}'s attention does not dispatch through transformers' AttentionInterface, "
+            "so reasoncache cannot patch it"
+        )
+    return attention_modules(model)
+
+
+def _position_offset_hook(offset: int):
+    """Shift query positions by ``offset`` (absolute-position models such as GPT-2)."""
+
+    def hook(module, args, kwargs):
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            x = ids if ids is not None else kwargs["inputs_embeds"]
+            past = kwargs.get("past_key_values")
+            start = past.get_seq_length() if past is not None else 0
+            pos = torch.arange(start, start + x.shape[1], device=x.device)[None]
+        kwargs["position_ids"] = pos + offset
+        return args, kwargs
+
+    return hook
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
+    """Make ``model`` attend to ``cache``'s per-layer prefix through the fused op.
+
+    Freezes every base weight, registers ``cache`` as the submodule ``model.reasoncache``
+    (so ``model.parameters()`` yields exactly the trainable prefix), switches the model's
+    attention implementation to reasoncache's and returns the same model object.
+    ``cache=None`` routes attention through the fused op with an empty prefix.
+    Calling it on a patched model replaces the previous cache.
+    """
+    from ..cache import ReasonCache
+
+    if cache is not None and not isinstance(cache, ReasonCache):
+        raise TypeError(f"cache must be a reasoncache.ReasonCache or None, got {type(cache).__name__}")
+    mods = _check_supported(model)
+    if getattr(model, _STATE, None) is not None:
+        unpatch(model)
+    if cache is not None:
+        cache.check_compatible(model)
+    register()
+    state = {
+        "attn": text_config(model)._attn_implementation,
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": [],
+    }
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cache is not None:
+        param = next(model.parameters(), None)
+        if param is not None:
+            cache.to(param.device)
+        model.add_module("reasoncache", cache)
+        cache.train(model.training)
+        if cache.position_offset:
+            state["hooks"].append(
+                _base_model(model).register_forward_pre_hook(
+                    _position_offset_hook(cache.position_offset), with_kwargs=True
+                )
+            )
+    for m in mods:
+        object.__setattr__(m, "_rc_cache", cache)
+    _set_attn_implementation(model, NAME)
+    object.__setattr__(model, _STATE, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo ``patch``: original attention implementation and ``requires_grad`` flags, no
+    ``model.reasoncache`` submodule. Returns the same model object."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by reasoncache")
+    for h in state["hooks"]:
+        h.remove()
+    for m in attention_modules(model):
+        if "_rc_cache" in m.__dict__:
+            del m.__dict__["_rc_cache"]
+    if "reasoncache" in model._modules:
+        del model._modules["reasoncache"]
+    for n, p in model.named_parameters():
+        p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
+    _set_attn_implementation(model, state["attn"])
+    del model.__dict__[_STATE]
+    return model
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module):
+    """Within the block, the model is unpatched except that every attention layer runs the
+    fused op with no prefix and stores its (key, value) in the yielded dict."""
+    cache = model._modules.get("reasoncache") if getattr(model, _STATE, None) is not None else None
+    patched = getattr(model, _STATE, None) is not None
+    if patched:
+        unpatch(model)
+    mods = _check_supported(model)
+    register()
+    before = text_config(model)._attn_implementation
+    record: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for m in mods:
+        object.__setattr__(m, "_rc_recorder", record)
+    try:
+        _set_attn_implementation(model, NAME)
+        yield record
+    finally:
+        for m in mods:
+            del m.__dict__["_rc_recorder"]
+        _set_attn_implementation(model, before)
+        if patched:
+            patch(model, cache)
+
+
+@torch.no_grad()
+def record_keys_values(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor):
+    """Run ``model`` once on ``input_ids [1, P]`` at ``position_ids [1, P]`` and return every
+    layer's post-RoPE keys and values, stacked ``[L, Hkv, P, D]`` each (fp32)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _recording(model) as record:
+            model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    finally:
+        model.train(was_training)
+    layers = sorted(record)
+    keys = torch.stack([record[i][0][0] for i in layers]).float()
+    values = torch.stack([record[i][1][0] for i in layers]).float()
+    return keys, values
