@@ -2,10 +2,13 @@
 
 ``reasoncache_mask`` (an ``AttentionMaskInterface`` entry) asks transformers' own
 ``sdpa_mask`` for the model's mask pattern and, when that pattern is bottom-right causal
-(optionally with a sliding window) plus key padding, hands the attention function a
-compact ``FusedMask`` instead of a ``[B, 1, Nq, Nk]`` tensor. Any other pattern (packed
-sequences, static-cache prefill, custom overlays) stays a 4-D mask and takes the
-explicit-mask path, so nothing is silently approximated.
+(optionally with the layer's sliding window) plus key padding, hands the attention
+function ``None`` (no padding) or a compact key-padding mask: a ``[B, 1, 1, Nk]`` bool
+tensor tagged ``_reasoncache_fused`` (a 4-D tensor, so transformers passes it through
+untouched, also when ``generate`` precomputes masks for static caches). Any other
+pattern (packed sequences, static-cache prefill, custom overlays) stays transformers'
+own ``[B, 1, Nq, Nk]`` mask and takes the explicit-mask path, so nothing is silently
+approximated.
 
 ``reasoncache_attention`` (an ``AttentionInterface`` entry) reads the layer's shared
 prefix from the ``ReasonCache`` attached by ``patch`` and calls the fused op.
@@ -14,7 +17,6 @@ prefix from the ``ReasonCache`` attached by ``patch`` and calls the fused op.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +27,11 @@ from ..attention import prefix_attention
 NAME = "reasoncache"
 
 
-@dataclass(frozen=True)
-class FusedMask:
-    """Bottom-right causal own keys, optional sliding window, optional key padding ``[B, Nk]``."""
-
-    key_padding_mask: Tensor | None
-    sliding_window: int | None
+def _fused(kpm: Tensor) -> Tensor:
+    """Key padding ``[B, Nk]`` as the tagged ``[B, 1, 1, Nk]`` mask the attention function fuses."""
+    mask = kpm[:, None, None, :].contiguous()
+    mask._reasoncache_fused = True
+    return mask
 
 
 def _bottom_right(nq: int, nk: int, window: int | None, device) -> Tensor:
@@ -55,7 +56,8 @@ def _key_padding(padding: Tensor | None, kv_length: int, kv_offset: int) -> Tens
 
 
 def reasoncache_mask(*args, **kwargs):
-    """Mask-interface entry: a ``FusedMask``, ``None`` (plain causal), or transformers' 4-D mask."""
+    """Mask-interface entry: ``None`` (causal, no padding), a tagged key-padding mask, or
+    transformers' own 4-D mask."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     kwargs["allow_is_causal_skip"] = False
@@ -70,7 +72,7 @@ def reasoncache_mask(*args, **kwargs):
         and isinstance(kv_offset, int)
         and q_offset + q_length == kv_offset + kv_length
     ):
-        return None if kpm is None else FusedMask(kpm, None)
+        return None if kpm is None else _fused(kpm)
     # Any other pattern: compare transformers' own mask (without padding) with what the fused
     # op computes; use the op only where they agree exactly.
     pattern = sdpa_mask(*args, **{**kwargs, "attention_mask": None})
@@ -79,11 +81,10 @@ def reasoncache_mask(*args, **kwargs):
         for window in (None, getattr(kwargs.get("config"), "sliding_window", None)):
             expected = _bottom_right(pattern.shape[-2], pattern.shape[-1], window, pattern.device) & seen
             if torch.equal(pattern, expected.expand_as(pattern)):
-                all_seen = bool(seen.all())
-                if kpm is None and all_seen:
-                    return FusedMask(None, window)
+                if kpm is None and bool(seen.all()):
+                    return None
                 cols = seen[:, 0, 0].expand(kwargs["batch_size"], -1)
-                return FusedMask(cols if kpm is None else kpm & cols, window)
+                return _fused(cols if kpm is None else kpm & cols)
     return sdpa_mask(*args, **kwargs)
 
 
@@ -133,9 +134,10 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
         pk = pv = query.new_zeros(key.shape[1], 0, key.shape[-1])
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
 
-    if isinstance(attention_mask, FusedMask) or attention_mask is None:
-        kpm = attention_mask.key_padding_mask if attention_mask is not None else None
-        window = attention_mask.sliding_window if attention_mask is not None else None
+    if attention_mask is None or getattr(attention_mask, "_reasoncache_fused", False):
+        kpm = None if attention_mask is None else attention_mask[:, 0, 0, :]
+        # reasoncache_mask checked the pattern against this layer's window (config.sliding_window)
+        window = kwargs.get("sliding_window")
         out = prefix_attention(
             query,
             key,

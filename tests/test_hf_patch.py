@@ -1,0 +1,281 @@
+"""ReasonCache + patch on tiny random models of every supported architecture (CPU, fp32)."""
+
+import pytest
+import torch
+
+import reasoncache
+from reasoncache import ReasonCache
+from tiny_models import ARCHS, VOCAB, tiny_model
+
+P, N = 7, 6
+
+
+def _ids(*shape, seed=1):
+    return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_from_demonstrations_equals_demonstrations_in_the_prompt(arch):
+    model = tiny_model(arch)
+    demo, query = _ids(1, P), _ids(2, N, seed=2)
+    with torch.no_grad():
+        want = model(torch.cat([demo.expand(2, -1), query], 1)).logits[:, P:]
+        want_gen = model.generate(torch.cat([demo, query[:1]], 1), max_new_tokens=5, do_sample=False)[:, P + N :]
+    cache = ReasonCache.from_demonstrations(model, demo)
+    assert reasoncache.patch(model, cache) is model
+    with torch.no_grad():
+        got = model(query).logits
+        got_gen = model.generate(query[:1], max_new_tokens=5, do_sample=False)[:, N:]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert torch.equal(got_gen, want_gen)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma3"])
+def test_sliding_window_layers_match_the_unpatched_model(arch):
+    """With an empty prefix the fused path must equal the model's own attention, also
+    where sequences are longer than the sliding window (window masking in the op)."""
+    model = tiny_model(arch, sliding_window=4)
+    ids = _ids(2, 11)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        reasoncache.patch(model, None)
+        got = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0, 3:], want[0, 3:], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-4)
+
+
+def test_only_the_cache_trains_and_unpatch_restores():
+    model = tiny_model("llama")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    cache = ReasonCache.for_model(model, prefix_len=4)
+    reasoncache.patch(model, cache)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["reasoncache.keys", "reasoncache.values"]
+    model.train()
+    ids = _ids(2, N)
+    model(ids, labels=ids).loss.backward()
+    assert cache.keys.grad is not None and cache.keys.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("reasoncache"))
+    reasoncache.unpatch(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "reasoncache")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_same_prefix_gradient(arch):
+    model = tiny_model(arch)
+    cache = ReasonCache.for_model(model, prefix_len=4, init="tokens")
+    reasoncache.patch(model, cache)
+    model.train()
+    ids = _ids(2, N)
+    model(ids, labels=ids).loss.backward()
+    plain = cache.keys.grad.clone()
+    cache.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(cache.keys.grad, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_trains_under_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama")
+    cache = ReasonCache.for_model(model, prefix_len=4)
+    reasoncache.patch(model, cache)
+    start = cache.keys.detach().clone()
+    frozen = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    ids = _ids(16, N)
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        gradient_checkpointing=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert not torch.equal(cache.keys.detach(), start)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, frozen)
+
+
+@pytest.mark.parametrize("cache_impl", ["dynamic", "static"])
+def test_batched_left_padded_generation_equals_each_prompt_alone(cache_impl):
+    model = tiny_model("llama")
+    reasoncache.patch(model, ReasonCache.from_demonstrations(model, _ids(1, P)))
+    a, b = _ids(1, 3, seed=3), _ids(1, 6, seed=4)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation=cache_impl)
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, **kw)[:, 6:]
+        alone = [model.generate(x, **kw)[:, x.shape[1] :] for x in (a, b)]
+    assert torch.equal(together[0], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+def test_decode_uses_the_shared_prefix_and_never_copies_it(monkeypatch):
+    model = tiny_model("llama")
+    cache = ReasonCache.from_demonstrations(model, _ids(1, P))
+    reasoncache.patch(model, cache)
+    import reasoncache.hf.attention as hfa
+
+    calls = []
+    real = hfa.prefix_attention
+
+    def spy(q, k, v, pk, pv, **kw):
+        calls.append((q.shape[2], pk.shape, k.shape[2]))
+        return real(q, k, v, pk, pv, **kw)
+
+    monkeypatch.setattr(hfa, "prefix_attention", spy)
+    prompt = _ids(2, N)
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    decode = [c for c in calls if c[0] == 1]
+    assert decode and all(pk == (2, P, 16) for _, pk, _ in decode)
+    # the KV cache holds only the sequences' own tokens, never the P prefix positions
+    assert out.past_key_values.get_seq_length() == N + 4 - 1
+
+
+def test_sampling_generates_valid_tokens():
+    model = tiny_model("qwen3")
+    reasoncache.patch(model, ReasonCache.for_model(model, prefix_len=3))
+    with torch.no_grad():
+        out = model.generate(_ids(2, N), max_new_tokens=5, do_sample=True, top_k=10)
+    assert out.shape == (2, N + 5) and int(out.max()) < VOCAB
+
+
+def test_compiled_forward_runs_and_matches():
+    model = tiny_model("llama")
+    reasoncache.patch(model, ReasonCache.for_model(model, prefix_len=4))
+    ids = _ids(2, N)
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model("gemma3")
+    cache = ReasonCache.for_model(model, prefix_len=5, init="tokens", sink=True)
+    cache.save_pretrained(tmp_path)
+    loaded = ReasonCache.from_pretrained(tmp_path, model)
+    for i in range(2):
+        for a, b in zip(cache.layer(i), loaded.layer(i)):
+            assert torch.equal(a, b)
+    assert (tmp_path / "reasoncache_config.json").is_file() and (tmp_path / "reasoncache.safetensors").is_file()
+    import json
+
+    cfg = json.loads((tmp_path / "reasoncache_config.json").read_text())
+    assert {
+        "model_type",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "prefix_len",
+        "dtype",
+        "reasoncache_version",
+        "model_fingerprint",
+    } <= set(cfg)
+
+
+def test_loading_into_another_model_says_what_differs(tmp_path):
+    ReasonCache.for_model(tiny_model("llama"), prefix_len=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type: cache has 'llama', model has 'gpt2'"):
+        ReasonCache.from_pretrained(tmp_path, tiny_model("gpt2"))
+    with pytest.raises(ValueError, match="num_kv_heads: cache has 2, model has 4"):
+        reasoncache.patch(tiny_model("gpt2"), ReasonCache.for_model(tiny_model("llama"), prefix_len=2))
+
+
+def test_mlp_reparametrization_starts_at_init_trains_and_folds():
+    model = tiny_model("llama")
+    demo = _ids(1, P)
+    plain = ReasonCache.from_demonstrations(model, demo)
+    cache = ReasonCache.from_demonstrations(model, demo, reparam_hidden=32)
+    for a, b in zip(plain.tensors(), cache.tensors()):
+        assert torch.equal(a, b)
+    reasoncache.patch(model, cache)
+    model.train()
+    opt = torch.optim.AdamW(cache.parameters(), lr=1e-2)
+    ids = _ids(2, N)
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        before = model(ids).logits
+        cache.fold()
+        after = model(ids).logits
+    assert cache.reparam_hidden == 0 and {n for n, _ in cache.named_parameters()} == {"keys", "values"}
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(cache.keys.detach(), plain.keys.detach())
+
+
+def test_sink_position_stays_frozen():
+    model = tiny_model("llama")
+    cache = ReasonCache.for_model(model, prefix_len=4, init="tokens", sink=True)
+    first = cache.layer(0)[0][:, :1].clone()
+    reasoncache.patch(model, cache)
+    model.train()
+    opt = torch.optim.AdamW(cache.parameters(), lr=1e-1, weight_decay=0.5)
+    ids = _ids(2, N)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.equal(cache.layer(0)[0][:, :1], first) and cache.layer(0)[0].shape[1] == 4
+    assert cache.num_trainable_parameters() == 2 * 2 * 2 * 3 * 16
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="prefix_len must be an int >= 1"):
+        ReasonCache.for_model(model, prefix_len=0)
+    with pytest.raises(ValueError, match=r"demo_ids must be \[1, P\].*got \(2, 3\)"):
+        ReasonCache.from_demonstrations(model, _ids(2, 3))
+    with pytest.raises(TypeError, match="demo_ids must be an integer tensor"):
+        ReasonCache.from_demonstrations(model, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="vocab_size=128"):
+        ReasonCache.from_demonstrations(model, torch.tensor([[1, 500]]))
+    with pytest.raises(TypeError, match="cache must be a reasoncache.ReasonCache"):
+        reasoncache.patch(model, "not a cache")
+    with pytest.raises(TypeError, match="no attention modules"):
+        reasoncache.patch(torch.nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="is not patched"):
+        reasoncache.unpatch(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_from_peft_reproduces_peft_prefix_tuning_logits(arch, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_model(arch)
+    peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():  # a trained-looking prefix, not the init
+        for p in peft_model.prompt_encoder.parameters():
+            p.normal_(0, 1.0)
+    ids = _ids(2, N)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    cache = ReasonCache.from_peft(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = peft_model.get_base_model()
+    reasoncache.patch(base, cache)
+    with torch.no_grad():
+        got = base(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # the same from the saved adapter folder
+    fresh = tiny_model(arch)
+    again = ReasonCache.from_peft(tmp_path / "adapter", base_model=fresh)
+    for a, b in zip(again.tensors(), cache.tensors()):
+        torch.testing.assert_close(a, b)
+
+
+def test_from_peft_rejects_other_adapters():
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="prefix-tuning"):
+        ReasonCache.from_peft(lora)
