@@ -15,6 +15,17 @@ setup(
     python_requires=">=3.10",
     packages=["reasoncache", "reasoncache.kernels"],
     package_dir={"reasoncache": "reasoncache", "reasoncache.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.56",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        # the embedded default model (SmolLM2-135M-Instruct GGUF) and the demo's baselines and plot
+        "demo": ["gguf", "peft", "matplotlib", "accelerate"],
+        "test": ["pytest>=8", "ruff>=0.6", "gguf", "peft", "matplotlib", "accelerate"],
+    },
+    entry_points={"console_scripts": ["reasoncache = reasoncache.cli:main"]},
 )

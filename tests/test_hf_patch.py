@@ -73,7 +73,9 @@ def test_gradient_checkpointing_gives_the_same_prefix_gradient(arch):
     model(ids, labels=ids).loss.backward()
     plain = cache.keys.grad.clone()
     cache.zero_grad()
-    model.gradient_checkpointing_enable()
+    from reasoncache.trainer import enable_checkpointing
+
+    enable_checkpointing(model)
     model(ids, labels=ids).loss.backward()
     torch.testing.assert_close(cache.keys.grad, plain, atol=1e-6, rtol=1e-5)
 

@@ -67,3 +67,32 @@ def tiny_model(arch: str, *, sliding_window: int | None = None, seed: int = 0, a
         raise ValueError(arch)
     model.set_attn_implementation(attn)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level HF fast tokenizer (ids < VOCAB), built offline, with a chat template."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}A: {% endif %}"
+    )
+    return tok
+
+
+def save_tiny(folder, arch: str = "llama") -> str:
+    """A tiny model plus the character tokenizer, saved as an HF folder (for the CLI)."""
+    tiny_model(arch).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,7 @@
+"""``python -m reasoncache ...``: the command line (see ``reasoncache --help``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

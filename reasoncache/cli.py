@@ -1,0 +1,211 @@
+"""The ``reasoncache`` command line: train, eval, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cache import CONFIG_NAME
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cache_folder(path: str) -> Path:
+    """``--cache`` may name the cache folder itself or a training output folder holding ``cache/``."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if (p / "cache" / CONFIG_NAME).is_file():
+        return p / "cache"
+    raise FileNotFoundError(f"--cache {path}: no {CONFIG_NAME} there or in {p / 'cache'}")
+
+
+def _load_patched(args):
+    import reasoncache
+    from reasoncache.models import load_model
+
+    folder = _cache_folder(args.cache)
+    model, tok = load_model(args.model, device=_device(args.device), progress=True)
+    cache = reasoncache.ReasonCache.from_pretrained(folder, model)
+    return reasoncache.patch(model, cache), tok
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    import reasoncache
+    from reasoncache.data import load_jsonl
+    from reasoncache.models import load_model
+    from reasoncache.trainer import TrainConfig, Trainer, build_cache, world
+
+    train = load_jsonl(args.data)
+    evals = load_jsonl(args.eval_data) if args.eval_data else None
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        eval_every=args.eval_every,
+        eval_limit=args.eval_limit,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=not args.no_chat_template,
+        checkpoint_every=args.checkpoint_every,
+        answer_pattern=args.answer_pattern,
+        length_grouped=not args.no_length_grouping,
+    )
+    cfg.check()
+    rank, n = world()
+    device = _device(args.device)
+    if device == "cuda" and n > 1:
+        import os
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, device=device, progress=rank == 0)
+    cache = build_cache(
+        model,
+        tok,
+        train,
+        args.prefix_len,
+        args.init,
+        seed=args.seed,
+        sink=args.sink,
+        reparam_hidden=args.reparam_hidden,
+    )
+    reasoncache.patch(model, cache)
+    if rank == 0:
+        print(
+            f"training {cache.num_trainable_parameters():,} prefix parameters ({cache.extra_repr()}) on "
+            f"{len(train)} examples, {n} process(es)",
+            flush=True,
+        )
+    trainer = Trainer(model, tok, train, cfg, args.out, eval_examples=evals)
+    trainer.train(resume=args.resume)
+    if rank == 0:
+        cache.fold().save_pretrained(Path(args.out) / "cache")
+        print(f"saved the cache to {Path(args.out) / 'cache'}")
+        last = [r for r in trainer.history if "eval_accuracy" in r]
+        if last:
+            print(
+                json.dumps({"accuracy": last[-1]["eval_accuracy"], "n": last[-1]["eval_n"], "step": last[-1]["step"]})
+            )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from reasoncache.data import load_jsonl
+    from reasoncache.evaluate import evaluate
+
+    data = load_jsonl(args.data)
+    model, tok = _load_patched(args)
+    res = evaluate(
+        model,
+        tok,
+        data,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chat_template=not args.no_chat_template,
+        answer_pattern=args.answer_pattern,
+        progress=True,
+    )
+    if args.predictions:
+        Path(args.predictions).write_text("\n".join(json.dumps(p) for p in res["predictions"]) + "\n")
+    print(json.dumps({k: res[k] for k in ("accuracy", "n", "prompt_tokens")}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from reasoncache.data import format_prompt
+    from reasoncache.evaluate import generate
+
+    model, tok = _load_patched(args)
+    text = format_prompt(tok, args.prompt, not args.no_chat_template)
+    print(generate(model, tok, [text], args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from reasoncache.demo import run_demo
+
+    run_demo(model_path=args.model, out=args.out, steps=args.steps, device=_device(args.device), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="reasoncache", description="Teach a frozen LLM a skill as a learned KV prefix.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="learn a prefix from demonstrations (JSONL)")
+    t.add_argument("--data", required=True, help="training JSONL: {prompt, completion, answer?} or {messages}")
+    t.add_argument("--out", required=True, help="output folder: cache/, checkpoint.pt, log.jsonl")
+    _model_arg(t)
+    t.add_argument("--prefix-len", type=int, default=16)
+    t.add_argument("--init", default="demonstrations", choices=["demonstrations", "random", "tokens"])
+    t.add_argument("--steps", type=int, default=150)
+    t.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--sink", action="store_true", help="keep prefix position 0 frozen (attention sink)")
+    t.add_argument("--reparam-hidden", type=int, default=0, help="MLP reparametrization width (0: off)")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--no-length-grouping", action="store_true")
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--eval-data", help="JSONL to report accuracy on during training")
+    t.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
+    t.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N eval examples")
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument(
+        "--answer-pattern", default=None, help="regex for the answer (default: after ####, else last number)"
+    )
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="greedy exact-match accuracy with a trained cache")
+    e.add_argument("--cache", required=True, help="cache folder (or a train --out folder)")
+    e.add_argument("--data", required=True)
+    _model_arg(e)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--answer-pattern", default=None)
+    e.add_argument("--predictions", help="write per-example predictions (JSONL) here")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate with a trained cache")
+    g.add_argument("--cache", required=True)
+    _model_arg(g)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    d = sub.add_parser("demo", help="the offline demo: zero-shot, ICL, ReasonCACHE and LoRA on a built-in task")
+    _model_arg(d)
+    d.add_argument("--out", default="reasoncache_demo", help="folder for results.json, the plot and the cache")
+    d.add_argument("--steps", type=int, default=None, help="training steps of batch 8 (default 100; 20 with --quick)")
+    d.add_argument("--quick", action="store_true", help="a small fast run (smoke test, not the reported numbers)")
+    d.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"reasoncache {args.command}: error: {e}", file=sys.stderr)
+        return 2

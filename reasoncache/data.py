@@ -1,0 +1,148 @@
+"""Demonstration data: JSONL rows, chat formatting, tokenization with completion-only
+labels, and length-grouped batches."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    answer: str | None = None
+    source: str = ""  # "file:line", for error messages
+
+
+def _bad(where: str, msg: str) -> ValueError:
+    return ValueError(f"{where}: {msg}")
+
+
+def parse_row(row, where: str) -> Example:
+    """One JSONL row: ``{"prompt", "completion", "answer"?}`` or ``{"messages": [...]}``
+    (the last message must be the assistant's: it is the completion)."""
+    if not isinstance(row, dict):
+        raise _bad(where, f"expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if (
+            not isinstance(msgs, list)
+            or len(msgs) < 2
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs
+            )
+        ):
+            raise _bad(where, "'messages' must be a list of >= 2 {role, content} objects with string values")
+        if msgs[-1]["role"] != "assistant":
+            raise _bad(
+                where, f"the last message must be the assistant's (the completion), got role {msgs[-1]['role']!r}"
+            )
+        prompt = "\n".join(m["content"] for m in msgs[:-1] if m["role"] != "system")
+        return Example(prompt, msgs[-1]["content"], _opt_answer(row, where), where)
+    for key in ("prompt", "completion"):
+        if not isinstance(row.get(key), str):
+            raise _bad(where, f"missing or non-string {key!r} (rows need 'prompt' and 'completion', or 'messages')")
+    return Example(row["prompt"], row["completion"], _opt_answer(row, where), where)
+
+
+def _opt_answer(row: dict, where: str) -> str | None:
+    ans = row.get("answer")
+    if ans is not None and not isinstance(ans, (str, int, float)):
+        raise _bad(where, f"'answer' must be a string or number, got {type(ans).__name__}")
+    return None if ans is None else str(ans)
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read examples; a malformed row fails with its file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{i}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _bad(where, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            out.append(parse_row(row, where))
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+def write_jsonl(path: str | Path, examples: list[Example]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"prompt": e.prompt, "completion": e.completion, "answer": e.answer}) + "\n")
+
+
+def format_prompt(tok, prompt: str, chat_template: bool = True, shots: list[Example] | None = None) -> str:
+    """The text the model sees before its answer: the tokenizer's chat template when it has
+    one (earlier ``shots`` become previous user/assistant turns), else plain text."""
+    shots = shots or []
+    if chat_template and getattr(tok, "chat_template", None):
+        msgs = []
+        for s in shots:
+            msgs += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}]
+        msgs.append({"role": "user", "content": prompt})
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{s.prompt}\n{s.completion}\n\n" for s in shots) + prompt + "\n"
+
+
+def encode(tok, ex: Example, chat_template: bool = True, max_len: int = 1024) -> tuple[list[int], list[int]]:
+    """Token ids and labels (prompt positions ``IGNORE``: loss only on the completion,
+    which ends with the end-of-sequence token so the model learns to stop)."""
+    p = tok(format_prompt(tok, ex.prompt, chat_template), add_special_tokens=False).input_ids
+    c = tok(ex.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = (p + c)[:max_len]
+    labels = ([IGNORE] * len(p) + c)[:max_len]
+    if all(x == IGNORE for x in labels):
+        raise ValueError(f"{ex.source or 'example'}: the prompt fills all {max_len} tokens; no completion left")
+    return ids, labels
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` ``[B, N]``."""
+    n = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batch_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, length_grouped: bool = True
+) -> list[list[int]]:
+    """One epoch of batches of example indices, a pure function of (seed, epoch), so a
+    resumed run sees exactly the batches an uninterrupted one would. With
+    ``length_grouped``, examples of similar length share a batch (less padding): a
+    shuffled window of 50 batches is sorted by length, cut into batches, and the batches
+    shuffled again."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if length_grouped:
+        window = 50 * batch_size
+        idx = [i for s in range(0, len(idx), window) for i in sorted(idx[s : s + window], key=lambda j: lengths[j])]
+    batches = [idx[s : s + batch_size] for s in range(0, len(idx) - batch_size + 1, batch_size)]
+    if not batches:
+        raise ValueError(f"{len(lengths)} examples cannot fill one batch of {batch_size}")
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,99 @@
+"""Greedy generation and exact-match accuracy."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .data import Example, format_prompt
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str, pattern: str | None = None) -> str | None:
+    """The answer in a generation: ``pattern``'s last match (its first group if it has
+    one), else the text after the last ``####``, else the last number."""
+    if pattern:
+        matches = list(re.finditer(pattern, text))
+        if not matches:
+            return None
+        m = matches[-1]
+        return (m.group(1) if m.groups() else m.group(0)).strip()
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.split()[0] if tail else None
+    nums = _NUMBER.findall(text)
+    return nums[-1] if nums else None
+
+
+def normalize(ans: str | None) -> str | None:
+    if ans is None:
+        return None
+    ans = ans.strip().rstrip(".").replace(",", "")
+    try:
+        x = float(ans)
+        return str(int(x)) if x == int(x) else str(x)
+    except ValueError:
+        return ans.lower()
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy completions of already formatted ``prompts`` (left-padded batches)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    side = tok.padding_side
+    tok.padding_side = "left"
+    outs: list[str] = []
+    try:
+        for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+            enc = tok(prompts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return outs
+
+
+def evaluate(
+    model,
+    tok,
+    examples: list[Example],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    chat_template: bool = True,
+    shots: list[Example] | None = None,
+    answer_pattern: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Exact-match accuracy of greedy generations against each example's answer (or the
+    answer extracted from its reference completion). Returns ``accuracy``, ``n``,
+    ``prompt_tokens`` (mean prompt length the model saw) and per-example ``predictions``."""
+    prompts = [format_prompt(tok, e.prompt, chat_template, shots) for e in examples]
+    texts = generate(model, tok, prompts, max_new_tokens, batch_size, progress, desc="evaluating")
+    preds, correct = [], 0
+    for e, text in zip(examples, texts):
+        gold = normalize(e.answer if e.answer is not None else extract_answer(e.completion, answer_pattern))
+        pred = normalize(extract_answer(text, answer_pattern))
+        ok = pred is not None and pred == gold
+        correct += ok
+        preds.append({"prompt": e.prompt, "generation": text, "prediction": pred, "answer": gold, "correct": ok})
+    lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+    return {
+        "accuracy": correct / max(1, len(examples)),
+        "n": len(examples),
+        "prompt_tokens": sum(lengths) / max(1, len(lengths)),
+        "predictions": preds,
+    }

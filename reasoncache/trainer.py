@@ -1,0 +1,371 @@
+"""Training a prefix (or any small set of trainable parameters) on demonstrations.
+
+AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast on GPU,
+gradient checkpointing, length-grouped batches, atomic checkpoints with exact resume,
+and data parallelism over ``torch.distributed`` (launch with ``torchrun``; gloo on CPU,
+NCCL on GPU). The loss is the mean over completion tokens of the whole global batch, so
+N processes with batch B give the same update as one process with batch N*B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE, Example, batch_order, collate, encode
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150
+    batch_size: int = 8  # examples per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per step, per process
+    lr: float = 1e-2
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    length_grouped: bool = True
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: autocast to bf16 on CUDA only
+    checkpoint_every: int = 50
+    eval_every: int = 0
+    eval_steps: list[int] = field(default_factory=list)
+    eval_limit: int | None = None
+    max_new_tokens: int = 128
+    chat_template: bool = True
+    max_len: int = 1024
+    answer_pattern: str | None = None
+
+    # fields that change the training trajectory: a resumed run must match them
+    TRAJECTORY = (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "warmup_ratio",
+        "min_lr_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "seed",
+        "length_grouped",
+        "max_len",
+        "chat_template",
+    )
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+    warm = int(cfg.warmup_ratio * cfg.steps)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing under either transformers API name (5.23
+    renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()  # non-reentrant by default
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over completion tokens and their count. Logits are computed
+    only from the first completion position on (``logits_to_keep``): the prompt part of
+    the vocabulary projection is never paid for."""
+    labels = batch["labels"]
+    target = labels[:, 1:]
+    cols = (target != IGNORE).any(0).nonzero()
+    lo, hi = int(cols.min()), int(cols.max()) + 1  # logits at lo..hi-1 predict labels lo+1..hi
+    try:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=torch.arange(lo, hi, device=labels.device),
+        )
+        logits = out.logits
+    except TypeError:  # a model without logits_to_keep
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, lo:hi]
+    t = target[:, lo:hi]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), t.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((t != IGNORE).sum())
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that require grad (a patched model's
+    ``reasoncache`` prefix, or a PEFT adapter) on ``examples``.
+
+    ``out_dir`` receives ``checkpoint.pt`` (atomic: written then renamed) every
+    ``checkpoint_every`` steps and at the end, and ``log.jsonl`` (one JSON object per
+    step, plus evaluation rows). ``resume=True`` continues from the checkpoint exactly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tok,
+        examples: list[Example],
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        eval_examples: list[Example] | None = None,
+        progress: bool = True,
+    ):
+        cfg.check()
+        self.model, self.tok, self.cfg = model, tok, cfg
+        self.out = Path(out_dir)
+        self.rank, self.world = world()
+        self.device = next(model.parameters()).device
+        self.encoded = [encode(tok, e, cfg.chat_template, cfg.max_len) for e in examples]
+        self.lengths = [len(x) for x, _ in self.encoded]
+        self.eval_examples = eval_examples
+        self.progress = progress and self.rank == 0
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters; patch it with a ReasonCache first")
+        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_multiplier(s, cfg))
+        self.step = 0
+        self._epochs: dict[int, list[list[int]]] = {}
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ data
+    def _micro_batch(self, g: int) -> list[int]:
+        per_epoch = len(self._epoch(0))
+        return self._epoch(g // per_epoch)[g % per_epoch]
+
+    def _epoch(self, e: int) -> list[list[int]]:
+        if e not in self._epochs:
+            self._epochs[e] = batch_order(self.lengths, self.cfg.batch_size, self.cfg.seed, e, self.cfg.length_grouped)
+        return self._epochs[e]
+
+    def _step_batches(self, step: int) -> tuple[list[list[int]], int]:
+        """This process's micro-batches for ``step`` and the global completion-token count."""
+        per_step = self.cfg.grad_accum * self.world
+        all_mb = [self._micro_batch(step * per_step + j) for j in range(per_step)]
+        tokens = sum(1 for mb in all_mb for i in mb for y in self.encoded[i][1][1:] if y != IGNORE)
+        mine = all_mb[self.rank * self.cfg.grad_accum : (self.rank + 1) * self.cfg.grad_accum]
+        return mine, tokens
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "trainable": {n: p.detach().cpu().clone() for n, p in self.params},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "config": asdict(self.cfg),
+        }
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["config"]
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.cfg, k)!r}"
+            for k in TrainConfig.TRAJECTORY
+            if saved.get(k) != getattr(self.cfg, k)
+        ]
+        if diffs:
+            raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(diffs)})")
+        names = {n for n, _ in self.params}
+        if set(state["trainable"]) != names:
+            raise ValueError(
+                f"--resume: {path} holds parameters {sorted(state['trainable'])}, the model trains {sorted(names)}"
+            )
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(state["trainable"][n])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step = state["step"]
+        return True
+
+    def _log(self, row: dict) -> None:
+        self.history.append(row)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with (self.out / LOG).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def train_step(self) -> float:
+        mbs, tokens = self._step_batches(self.step)
+        loss_sum = torch.zeros((), device=self.device)
+        for mb in mbs:
+            batch = {
+                k: v.to(self.device) for k, v in collate([self.encoded[i] for i in mb], self.tok.pad_token_id).items()
+            }
+            with self._autocast():
+                loss, _ = completion_loss(self.model, batch)
+            (loss / tokens).backward()
+            loss_sum += loss.detach()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.params]
+        if self.world > 1:
+            flat = torch.cat([g.flatten() for g in grads] + [loss_sum.reshape(1)])
+            dist.all_reduce(flat)
+            loss_sum = flat[-1]
+            off = 0
+            for (_, p), g in zip(self.params, grads):
+                p.grad = flat[off : off + g.numel()].view_as(g).clone()
+                off += g.numel()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(loss_sum) / tokens
+
+    def evaluate(self, limit: int | None = None) -> dict:
+        from .evaluate import evaluate
+
+        examples = self.eval_examples[:limit] if limit else self.eval_examples
+        was = self.model.training
+        self.model.eval()
+        try:
+            res = evaluate(
+                self.model,
+                self.tok,
+                examples,
+                max_new_tokens=self.cfg.max_new_tokens,
+                chat_template=self.cfg.chat_template,
+                answer_pattern=self.cfg.answer_pattern,
+                progress=self.progress,
+            )
+        finally:
+            self.model.train(was)
+        return res
+
+    def _maybe_eval(self) -> None:
+        if not self.eval_examples or self.rank != 0:
+            return
+        due = (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step in self.cfg.eval_steps
+        if due or self.step == self.cfg.steps:
+            res = self.evaluate(self.cfg.eval_limit)
+            row = {
+                "step": self.step,
+                "examples_seen": self.step * self.cfg.batch_size * self.cfg.grad_accum * self.world,
+                "eval_accuracy": res["accuracy"],
+                "eval_n": res["n"],
+            }
+            self._log(row)
+
+    def train(self, resume: bool = False) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        if resume and self.load_checkpoint() and self.progress:
+            print(f"resuming from step {self.step}", flush=True)
+        if self.cfg.gradient_checkpointing:
+            enable_checkpointing(self.model)
+        self.model.train()
+        if self.step == 0 and 0 in self.cfg.eval_steps:
+            self._maybe_eval()
+        start = time.time()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="training", disable=not self.progress)
+        while self.step < self.cfg.steps:
+            loss = self.train_step()
+            self._log(
+                {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": self.sched.get_last_lr()[0],
+                    "elapsed_s": round(time.time() - start, 3),
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                self.save_checkpoint()
+            self._maybe_eval()
+        bar.close()
+        return self.history
+
+
+def build_cache(
+    model: nn.Module,
+    tok,
+    examples: list[Example],
+    prefix_len: int,
+    init: str = "demonstrations",
+    *,
+    seed: int = 0,
+    sink: bool = False,
+    reparam_hidden: int = 0,
+):
+    """A ReasonCache to start training from.
+
+    ``init="demonstrations"``: the keys and values of training demonstrations (question
+    and worked answer as plain text, shuffled by ``seed``), cut to ``prefix_len`` tokens.
+    ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
+    """
+    import random
+
+    from .cache import ReasonCache
+
+    if init in ("random", "tokens"):
+        return ReasonCache.for_model(model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden)
+    if init != "demonstrations":
+        raise ValueError(f"init must be 'demonstrations', 'random' or 'tokens', got {init!r}")
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    ids: list[int] = []
+    for e in order:
+        ids += tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
+        if len(ids) >= prefix_len:
+            break
+    if len(ids) < prefix_len:
+        raise ValueError(f"the training data has only {len(ids)} tokens; prefix_len={prefix_len} needs more")
+    demo = torch.tensor([ids[:prefix_len]], device=next(model.parameters()).device)
+    return ReasonCache.from_demonstrations(model, demo, sink=sink, reparam_hidden=reparam_hidden)

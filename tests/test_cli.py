@@ -1,0 +1,121 @@
+"""The command line, end to end on a tiny model folder (no GGUF, seconds)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reasoncache.cli import main
+from reasoncache.data import write_jsonl
+from reasoncache.tasks import make_split
+from tiny_models import save_tiny
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    train, test = make_split("arithmetic", 16, 4, seed=0)
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "test.jsonl", test)
+    return root, save_tiny(root / "model")
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_train_eval_generate(workspace, capsys):
+    root, model = workspace
+    out = root / "run"
+    args = [
+        "train",
+        "--data",
+        str(root / "train.jsonl"),
+        "--out",
+        str(out),
+        "--model",
+        model,
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--prefix-len",
+        "4",
+        "--eval-data",
+        str(root / "test.jsonl"),
+        "--eval-every",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--checkpoint-every",
+        "2",
+    ]
+    assert main(args) == 0
+    res = _last_json(capsys.readouterr().out)
+    assert res["n"] == 4 and 0 <= res["accuracy"] <= 1 and res["step"] == 4
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "eval_accuracy" in r] == [2, 4]
+    assert (out / "cache" / "reasoncache.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+
+    assert main(args + ["--resume"]) == 0  # already complete: resumes at step 4, trains nothing
+    assert "resuming from step 4" in capsys.readouterr().out
+
+    assert (
+        main(
+            [
+                "eval",
+                "--cache",
+                str(out),
+                "--data",
+                str(root / "test.jsonl"),
+                "--model",
+                model,
+                "--max-new-tokens",
+                "8",
+                "--predictions",
+                str(root / "preds.jsonl"),
+            ]
+        )
+        == 0
+    )
+    res = _last_json(capsys.readouterr().out)
+    assert set(res) == {"accuracy", "n", "prompt_tokens"} and res["n"] == 4
+    assert len((root / "preds.jsonl").read_text().splitlines()) == 4
+
+    assert main(["generate", "--cache", str(out / "cache"), "--model", model, "--max-new-tokens", "5", "Hi"]) == 0
+
+
+def test_malformed_data_fails_with_file_and_line(workspace, capsys):
+    root, model = workspace
+    bad = root / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    assert main(["train", "--data", str(bad), "--out", str(root / "x"), "--model", model]) == 2
+    assert f"{bad}:2: missing or non-string 'completion'" in capsys.readouterr().err
+
+
+def test_missing_cache_and_model_are_clear_errors(workspace, capsys):
+    root, model = workspace
+    assert main(["eval", "--cache", str(root / "nothing"), "--data", str(root / "test.jsonl"), "--model", model]) == 2
+    assert "no reasoncache_config.json" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(root / "train.jsonl"),
+                "--out",
+                str(root / "y"),
+                "--model",
+                str(root / "missing.gguf"),
+            ]
+        )
+        == 2
+    )
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "reasoncache", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and all(c in res.stdout for c in ("train", "eval", "generate", "demo"))

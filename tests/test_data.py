@@ -1,0 +1,132 @@
+"""Data loading, completion-only labels, batching and answer extraction."""
+
+import json
+
+import pytest
+
+from reasoncache.data import IGNORE, Example, batch_order, collate, encode, format_prompt, load_jsonl
+from reasoncache.evaluate import extract_answer, normalize
+from reasoncache.tasks import make_split
+from tiny_models import tiny_tokenizer
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_rows_of_both_formats(tmp_path):
+    f = _write(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"prompt": "1+1?", "completion": "1+1=2. #### 2", "answer": 2}),
+            "",
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "be brief"},
+                        {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "#### 4"},
+                    ]
+                }
+            ),
+        ],
+    )
+    a, b = load_jsonl(f)
+    assert (a.prompt, a.answer, a.source) == ("1+1?", "2", f"{f}:1")
+    assert (b.prompt, b.completion, b.answer, b.source) == ("2+2?", "#### 4", None, f"{f}:3")
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "x"', "invalid JSON"),
+        ('["a"]', "expected a JSON object"),
+        ('{"prompt": "x"}', "missing or non-string 'completion'"),
+        ('{"prompt": "x", "completion": 3}', "non-string 'completion'"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "list of >= 2"),
+        (
+            '{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+            "last message must be the assistant's",
+        ),
+        ('{"prompt": "x", "completion": "y", "answer": [1]}', "'answer' must be a string or number"),
+    ],
+)
+def test_malformed_row_names_file_and_line(tmp_path, line, message):
+    f = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "ok", "completion": "ok"}), line])
+    with pytest.raises(ValueError, match=rf"bad.jsonl:2: .*{message}"):
+        load_jsonl(f)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        load_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="no examples"):
+        load_jsonl(_write(tmp_path / "empty.jsonl", [""]))
+
+
+def test_loss_only_on_completion_tokens_ending_with_eos():
+    tok = tiny_tokenizer()
+    ex = Example("What is 2+3?", "2+3=5. #### 5")
+    ids, labels = encode(tok, ex, chat_template=True)
+    prompt = format_prompt(tok, ex.prompt, True)
+    n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
+    assert prompt == "U: What is 2+3?\nA: "
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[n_prompt:-1]) == ex.completion
+    plain_ids, _ = encode(tok, ex, chat_template=False)
+    assert tok.decode(plain_ids).startswith("What is 2+3?\n")
+
+
+def test_prompt_longer_than_max_len_is_an_error():
+    with pytest.raises(ValueError, match="fills all 8 tokens"):
+        encode(tiny_tokenizer(), Example("a long prompt indeed", "x", source="f:3"), max_len=8)
+
+
+def test_collate_pads_right_and_masks_padding():
+    b = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_epoch():
+    lengths = [(i * 37) % 50 + 1 for i in range(40)]
+    a = batch_order(lengths, 4, seed=1, epoch=0)
+    assert a == batch_order(lengths, 4, seed=1, epoch=0)
+    assert a != batch_order(lengths, 4, seed=1, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(40))
+    spread = lambda order: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in order)
+    assert spread(a) < spread(batch_order(lengths, 4, seed=1, epoch=0, length_grouped=False))
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        batch_order([3, 4], 4, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "text, pattern, want",
+    [
+        ("12 + 7 = 19. #### 19", None, "19"),
+        ("so #### 1,234.", None, "1,234."),
+        ("the result is 42 and then 17", None, "17"),
+        ("no number here", None, None),
+        ("Answer: (B)", r"\(([A-D])\)", "B"),
+    ],
+)
+def test_extract_answer(text, pattern, want):
+    assert extract_answer(text, pattern) == want
+
+
+def test_normalize_compares_numbers_by_value():
+    assert normalize("1,234.") == normalize("1234") == "1234"
+    assert normalize("3.50") == "3.5" and normalize(" Yes ") == "yes" and normalize(None) is None
+
+
+def test_task_split_is_disjoint_and_reproducible():
+    train, test = make_split("arithmetic", 50, 20, seed=3)
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    assert make_split("arithmetic", 50, 20, seed=3) == (train, test)
+    for e in train:
+        assert extract_answer(e.completion) == e.answer
+    with pytest.raises(ValueError, match="unknown task"):
+        make_split("sorting", 1, 1)

@@ -1,0 +1,109 @@
+"""The trainer: schedule, exact resume, atomic checkpoints, data parallelism on gloo."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import reasoncache
+from reasoncache.tasks import make_split
+from reasoncache.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, build_cache, lr_multiplier
+from tiny_models import tiny_model, tiny_tokenizer
+
+
+def _setup(steps=6, batch_size=2, grad_accum=1, **kw):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("arithmetic", 24, 0, seed=0)
+    reasoncache.patch(model, build_cache(model, tok, train, prefix_len=4))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, checkpoint_every=3, **kw)
+    return model, tok, train, cfg
+
+
+def test_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup_ratio=0.1)
+    m = [lr_multiplier(s, cfg) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(m[10:], m[11:])) and m[-1] < 0.01
+
+
+def test_training_lowers_the_loss_and_logs(tmp_path):
+    model, tok, train, cfg = _setup(steps=12, batch_size=4)
+    hist = Trainer(model, tok, train, cfg, tmp_path, progress=False).train()
+    losses = [r["loss"] for r in hist if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert len((tmp_path / LOG).read_text().splitlines()) == 12
+    assert (tmp_path / CHECKPOINT).is_file() and not (tmp_path / (CHECKPOINT + ".tmp")).exists()
+
+
+def test_resume_continues_exactly(tmp_path):
+    model, tok, train, cfg = _setup(steps=6)
+    Trainer(model, tok, train, cfg, tmp_path / "full", progress=False).train()
+    want = model.reasoncache.keys.detach().clone()
+
+    model, tok, train, cfg = _setup(steps=6)
+    t = Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False)
+    while t.step < 3:  # interrupted right after the step-3 checkpoint
+        t.train_step()
+    t.save_checkpoint()
+    model, tok, train, cfg = _setup(steps=6)  # a fresh process: new model, new optimizer
+    t = Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False)
+    t.train(resume=True)
+    assert t.step == 6 and torch.equal(model.reasoncache.keys.detach(), want)
+
+
+def test_resume_with_other_settings_says_which(tmp_path):
+    model, tok, train, cfg = _setup(steps=3)
+    Trainer(model, tok, train, cfg, tmp_path, progress=False).train()
+    model, tok, train, cfg = _setup(steps=3)
+    cfg.lr = 5e-3
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0.01, now 0.005"):
+        Trainer(model, tok, train, cfg, tmp_path, progress=False).train(resume=True)
+
+
+def test_gradient_checkpointing_matches(tmp_path):
+    model, tok, train, cfg = _setup(steps=2)
+    Trainer(model, tok, train, cfg, tmp_path / "a", progress=False).train()
+    want = model.reasoncache.keys.detach().clone()
+    model, tok, train, cfg = _setup(steps=2, gradient_checkpointing=True)
+    Trainer(model, tok, train, cfg, tmp_path / "b", progress=False).train()
+    torch.testing.assert_close(model.reasoncache.keys.detach(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        TrainConfig(batch_size=0).check()
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        TrainConfig(lr=-1.0).check()
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("arithmetic", 8, 0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Trainer(model.requires_grad_(False), tok, train, TrainConfig(), "/tmp/unused", progress=False)
+    with pytest.raises(ValueError, match="init must be"):
+        build_cache(model, tok, train, 4, init="zeros")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    model, tok, train, cfg = _setup(steps=4, batch_size=2, grad_accum=1)
+    Trainer(model, tok, train, cfg, out, progress=False).train()
+    if rank == 0:
+        torch.save(model.reasoncache.keys.detach(), os.path.join(out, "keys.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    port = _free_port()
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp" / "keys.pt")
+    model, tok, train, cfg = _setup(steps=4, batch_size=2, grad_accum=2)
+    Trainer(model, tok, train, cfg, tmp_path / "single", progress=False).train()
+    torch.testing.assert_close(ddp, model.reasoncache.keys.detach(), atol=1e-6, rtol=1e-5)
