@@ -1,12 +1,21 @@
-"""``python -m bench kernel ...``: dispatch to one benchmark."""
+"""``python -m bench {kernel|decode|train} [--quick] [--device cpu|cuda] [--out FILE]``."""
 
 import sys
 
-from . import kernel
+from . import decode, kernel, train
 
-SUITES = {"kernel": kernel.main}
+SUITES = {"kernel": kernel.main, "decode": decode.main, "train": train.main}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in SUITES:
+        print(
+            f"usage: python -m bench {{{'|'.join(SUITES)}}} [--quick] [--device cpu|cuda] [--out FILE]", file=sys.stderr
+        )
+        return 2
+    SUITES[argv[0]](argv[1:])
+    return 0
+
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
-        sys.exit(f"usage: python -m bench {{{'|'.join(SUITES)}}} [--quick] [--device cpu|cuda] [--out FILE]")
-    SUITES[sys.argv[1]](sys.argv[2:])
+    sys.exit(main(sys.argv[1:]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -108,3 +109,53 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(k)) for _, k in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def plot_lines(
+    rows: list[dict],
+    x: str,
+    y: str,
+    group: str,
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = True,
+) -> None:
+    """One line per ``group`` value: ``y`` against ``x`` (rows lacking either are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in dict.fromkeys(r[group] for r in rows):
+        pts = sorted((r[x], r[y]) for r in rows if r[group] == name and r.get(y) is not None and r.get(x) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=str(name))
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options every suite takes: --quick, --device, --out."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes: a smoke test of the harness, not of speed")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="write the JSON results (device, versions, commit, every row) and plots here")
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    return args

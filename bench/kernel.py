@@ -12,16 +12,26 @@ Methods:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import reasoncache
 
-from .common import environment, flops, markdown_table, peak_memory_mb, time_ms, write_json
+from .common import (
+    bench_parser,
+    environment,
+    flops,
+    markdown_table,
+    parse_bench_args,
+    peak_memory_mb,
+    plot_lines,
+    time_ms,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -186,20 +196,13 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench kernel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--quick", action="store_true", help="a couple of small shapes (a smoke test of the harness)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = bench_parser("python -m bench kernel", __doc__)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
-    ap.add_argument("--out", help="write the JSON results here (device, versions, commit and every row)")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         ap.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
     shapes = (QUICK_CUDA if args.device == "cuda" else QUICK_CPU) if args.quick else FULL
     env = environment(args.device)
     rows = []
@@ -217,7 +220,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"skipped {r['method']} at B={r['B']} N={r['N']} P={r['P']}: {r['skipped']}")
     if args.out:
         write_json(args.out, env, rows)
-        print(f"\nwrote {args.out}")
+        png = str(Path(args.out).with_suffix("")) + "_tflops_vs_n.png"
+        sweep = [
+            r
+            for r in rows
+            if r.get("fwd+bwd_tflops") and (r["P"], r["D"], r["Hkv"]) == (rows[0]["P"], rows[0]["D"], rows[0]["Hkv"])
+        ]
+        plot_lines(
+            sweep, "N", "fwd+bwd_tflops", "method", png, f"fwd+bwd, {env['device']}", "sequence length N", "TFLOP/s"
+        )
+        print(f"\nwrote {args.out} and {png}")
     return rows
 
 

@@ -146,6 +146,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").is_file():
+        raise FileNotFoundError("reasoncache bench runs the bench/ folder of a source checkout; clone the repository")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.__main__ import main as bench_main
+
+    return bench_main([args.suite, *args.rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="reasoncache", description="Teach a frozen LLM a skill as a learned KV prefix.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -199,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps of batch 8 (default 100; 20 with --quick)")
     d.add_argument("--quick", action="store_true", help="a small fast run (smoke test, not the reported numbers)")
     d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: kernel, decode or train (same as python -m bench)")
+    b.add_argument("suite", choices=["kernel", "decode", "train"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="[--quick] [--device cpu|cuda] [--out FILE] ...")
+    b.set_defaults(fn=cmd_bench)
     return ap
 
 

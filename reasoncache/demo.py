@@ -57,9 +57,10 @@ def _train_and_eval(model, tok, train, test, cfg: TrainConfig, out: Path, label:
     train_s = time.time() - t0
     model.eval()
     res = evaluate(model, tok, test, max_new_tokens=cfg.max_new_tokens, progress=True)
-    curve = [(0, None)] + [(r["examples_seen"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
+    curve = [(r["examples_seen"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
+    curve.append((cfg.steps * cfg.batch_size, res["accuracy"]))
     print(f"{label}: accuracy {res['accuracy']:.2f} after {cfg.steps} steps ({train_s:.0f} s)", flush=True)
-    return {"result": res, "train_s": train_s, "curve": curve[1:]}
+    return {"result": res, "train_s": train_s, "curve": curve}
 
 
 def run_demo(
@@ -110,7 +111,7 @@ def run_demo(
         batch_size=o["batch_size"],
         seed=o["seed"],
         max_new_tokens=o["max_new_tokens"],
-        eval_steps=list(range(every, steps, every)),
+        eval_steps=list(range(0, steps, every)),
         eval_limit=o["curve_n"],
         checkpoint_every=steps,
     )
@@ -130,6 +131,7 @@ def run_demo(
             "accuracy": res["accuracy"],
             "n": res["n"],
             "trainable_params": n_rc,
+            "prefix_positions": o["prefix_len"],
             "prompt_tokens": res["prompt_tokens"],
             "train_s": rc["train_s"],
             "curve": rc["curve"],
@@ -189,13 +191,14 @@ def run_demo(
 
 def render_table(rows: list[dict]) -> str:
     lines = [
-        "| method | accuracy | trainable params | prompt tokens at inference | training time |",
+        "| method | accuracy | trainable params | prompt tokens at inference (+ cached prefix) | training time |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['accuracy']:.2f} (n={r['n']}) | {r['trainable_params']:,} | "
-            f"{r['prompt_tokens']:.0f} | {r['train_s'] / 60:.1f} min |"
+            f"{r['prompt_tokens']:.0f}{' + ' + str(r['prefix_positions']) if r.get('prefix_positions') else ''} | "
+            f"{r['train_s'] / 60:.1f} min |"
         )
     return "\n".join(lines)
 
@@ -217,6 +220,13 @@ def plot_curves(rows: list[dict], path: Path, task: str) -> None:
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"reasoncache demo: {task}")
+    fig.text(
+        0.01,
+        0.01,
+        "points during training: first 40 test examples; last point of each run: the whole test set",
+        fontsize=7,
+        color="gray",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

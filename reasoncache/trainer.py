@@ -45,6 +45,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_steps: list[int] = field(default_factory=list)
     eval_limit: int | None = None
+    eval_at_end: bool = True
     max_new_tokens: int = 128
     chat_template: bool = True
     max_len: int = 1024
@@ -290,7 +291,7 @@ class Trainer:
         if not self.eval_examples or self.rank != 0:
             return
         due = (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step in self.cfg.eval_steps
-        if due or self.step == self.cfg.steps:
+        if due or (self.cfg.eval_at_end and self.step == self.cfg.steps):
             res = self.evaluate(self.cfg.eval_limit)
             row = {
                 "step": self.step,

@@ -32,3 +32,43 @@ def test_a_wrong_baseline_is_caught_before_timing(monkeypatch):
     tensors = kernel._inputs(kernel.Shape(1, 2, 1, 8, 2, 16, "fp32"), "cpu")
     with pytest.raises(AssertionError, match="broken disagrees with the reference"):
         kernel._check("broken", kernel.METHODS["broken"], tensors, kernel.Shape(1, 2, 1, 8, 2, 16, "fp32"))
+
+
+def test_decode_bench_checks_and_reports_cache_sizes():
+    from bench import decode
+
+    rows = decode.run_shape(decode.DecodeShape(3, 16, 8, 4, 2, 16, "fp32"), "cpu", ["torch", "triton"])
+    by = {r["method"]: r for r in rows}
+    for name in ("reasoncache-torch", "reasoncache-triton", "sdpa-copied-prefix"):  # triton: the interpreter
+        assert by[name]["max_err"] < 1e-4 and by[name]["step_ms"] > 0
+    # the shared prefix is stored once, the copied one per sequence
+    assert by["reasoncache-torch"]["kv_cache_mb"] < by["sdpa-copied-prefix"]["kv_cache_mb"]
+    icl = decode.icl_vs_reasoncache("cpu", "torch", quick=True)
+    assert [r["B"] for r in icl] == [1, 8] and all(r["icl_ms"] > 0 and r["reasoncache_ms"] > 0 for r in icl)
+
+
+def test_train_bench_runs_every_method_and_skips_with_reasons(monkeypatch):
+    pytest.importorskip("peft")
+    from bench import train
+
+    monkeypatch.setitem(
+        train.CONFIGS,
+        "tiny",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        ),
+    )
+    rows = train.run("tiny", B=2, N=16, P=4, device="cpu", steps=1, methods=["reasoncache", "peft-prefix", "lora"])
+    assert len(rows) == 6
+    skipped = [r for r in rows if "skipped" in r]
+    assert [(r["method"], r["checkpointing"]) for r in skipped] == [("peft-prefix", True)]
+    assert "gradient checkpointing" in skipped[0]["skipped"]
+    timed = [r for r in rows if "skipped" not in r]
+    assert all(r["tokens_per_s"] > 0 and r["trainable_params"] > 0 for r in timed)
+    rc = next(r for r in timed if r["method"] == "reasoncache")
+    assert rc["trainable_params"] == 2 * 2 * 2 * 4 * 16  # 2 layers x (k, v) x 2 kv heads x P=4 x D=16

@@ -1,0 +1,203 @@
+"""Decode benchmark: one new token per sequence against a shared prefix plus its own cache.
+
+Methods (attention of one layer per decode step, same inputs, checked first):
+  reasoncache-<backend>  the fused op: every sequence reads the one shared prefix
+  sdpa-copied-prefix     the prefix copied into every sequence's KV cache (what
+                         PEFT prefix tuning and in-context prompts do), then SDPA;
+                         the copy is made once, outside the timed step, as a real
+                         cache would hold it
+
+The second table is the paper's inference-cost axis: ReasonCACHE (a short learned
+prefix, 64 positions, shared) against in-context learning (a long demonstration prompt
+in every sequence's cache), at equal batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import reasoncache
+
+from .common import bench_parser, environment, markdown_table, parse_bench_args, plot_lines, time_ms, write_json
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    B: int
+    P: int  # shared prefix positions
+    N: int  # own cached tokens per sequence
+    Hq: int = 32
+    Hkv: int = 8
+    D: int = 128
+    dtype: str = "bf16"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FULL = [
+    DecodeShape(b, p, n)
+    for b in (1, 8, 32, 128, 256)
+    for p in (256, 2048, 8192)
+    for n in (128, 512, 2048)
+    if b * (p + n) <= 256 * 4096
+]
+QUICK_CPU = [DecodeShape(b, 256, 128, 8, 2, 64, "fp32") for b in (1, 8)]
+QUICK_CUDA = [DecodeShape(128, 2048, 512)]
+
+
+def _inputs(s: DecodeShape, device: str):
+    g = torch.Generator(device=device).manual_seed(0)
+    dt = DTYPES[s.dtype]
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dt)
+
+    return (
+        r(s.B, s.Hq, 1, s.D),
+        r(s.B, s.Hkv, s.N, s.D),
+        r(s.B, s.Hkv, s.N, s.D),
+        r(s.Hkv, s.P, s.D),
+        r(s.Hkv, s.P, s.D),
+    )
+
+
+def _copied(q, k, v, pk, pv):
+    """The baseline's cache: the prefix in front of every sequence's own keys."""
+    B = q.shape[0]
+    return torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+
+
+def run_shape(s: DecodeShape, device: str, backends: list[str]) -> list[dict]:
+    q, k, v, pk, pv = _inputs(s, device)
+    kc, vc = _copied(q, k, v, pk, pv)
+    gqa = s.Hq != s.Hkv
+    want, _ = reasoncache.prefix_attention_ref(q, k, v, pk, pv)
+    tol = 1e-3 if s.dtype == "fp32" else 3e-2
+    bytes_el = torch.finfo(DTYPES[s.dtype]).bits // 8
+    cache_mb = {
+        "shared": 2 * s.Hkv * s.D * (s.B * s.N + s.P) * bytes_el / 2**20,
+        "copied": 2 * s.Hkv * s.D * s.B * (s.N + s.P) * bytes_el / 2**20,
+    }
+    methods = {
+        f"reasoncache-{b}": (lambda b=b: reasoncache.prefix_attention(q, k, v, pk, pv, backend=b), "shared")
+        for b in backends
+    }
+    methods["sdpa-copied-prefix"] = (lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=gqa), "copied")
+    rows = []
+    for name, (fn, kind) in methods.items():
+        row = {**asdict(s), "method": name, "kv_cache_mb": cache_mb[kind]}
+        try:
+            with torch.no_grad():
+                err = (fn().float() - want).abs().max().item()
+        except reasoncache.BackendUnavailable as e:
+            row["skipped"] = str(e).splitlines()[0][:200]
+            rows.append(row)
+            continue
+        if not err <= tol:
+            raise AssertionError(f"{name} disagrees with the reference on {s}: max error {err:.3g} > {tol}")
+        with torch.no_grad():
+            row["step_ms"] = time_ms(fn, device)
+        row["max_err"] = err
+        row["tokens_per_s"] = s.B / (row["step_ms"] * 1e-3)
+        rows.append(row)
+    base = next((r["step_ms"] for r in rows if r["method"] == "sdpa-copied-prefix"), None)
+    for r in rows:
+        if "step_ms" in r and base:
+            r["speedup_vs_copied"] = base / r["step_ms"]
+    return rows
+
+
+def _step_ms(s: DecodeShape, device: str, backend: str | None) -> float:
+    """One decode step's attention: the fused op (``backend``) or SDPA over the copied prefix (None)."""
+    q, k, v, pk, pv = _inputs(s, device)
+    if backend is None:
+        kc, vc = _copied(q, k, v, pk, pv)
+        gqa = s.Hq != s.Hkv
+        fn = lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=gqa)
+    else:
+        fn = lambda: reasoncache.prefix_attention(q, k, v, pk, pv, backend=backend)
+    with torch.no_grad():
+        return time_ms(fn, device)
+
+
+def icl_vs_reasoncache(device: str, backend: str, quick: bool) -> list[dict]:
+    """Equal batch: ICL keeps a long demonstration prompt in every sequence's cache;
+    ReasonCACHE keeps a short learned prefix once."""
+    rows = []
+    batches = (1, 8) if quick else (1, 16, 64, 256)
+    icl_len, rc_len, own = (256, 16, 64) if quick else (2048, 64, 256)
+    dims = dict(Hq=8, Hkv=2, D=64, dtype="fp32") if quick else {}
+    for b in batches:
+        t_icl = _step_ms(DecodeShape(b, icl_len, own, **dims), device, None)
+        t_rc = _step_ms(DecodeShape(b, rc_len, own, **dims), device, backend)
+        rows.append(
+            {
+                "B": b,
+                "icl_prompt": icl_len,
+                "reasoncache_prefix": rc_len,
+                "own": own,
+                "icl_ms": t_icl,
+                "reasoncache_ms": t_rc,
+                "speedup": t_icl / t_rc,
+            }
+        )
+    return rows
+
+
+COLUMNS = [
+    ("B", "B"),
+    ("P shared", "P"),
+    ("own", "N"),
+    ("method", "method"),
+    ("step ms", "step_ms"),
+    ("tokens/s", "tokens_per_s"),
+    ("x copied", "speedup_vs_copied"),
+    ("KV cache MiB", "kv_cache_mb"),
+    ("max err", "max_err"),
+]
+ICL_COLUMNS = [
+    ("B", "B"),
+    ("ICL prompt", "icl_prompt"),
+    ("ReasonCACHE P", "reasoncache_prefix"),
+    ("own", "own"),
+    ("ICL ms", "icl_ms"),
+    ("ReasonCACHE ms", "reasoncache_ms"),
+    ("speedup", "speedup"),
+]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = bench_parser("python -m bench decode", __doc__)
+    args = parse_bench_args(ap, argv)
+    backends = ["triton", "torch"] if args.device == "cuda" else ["torch"]
+    shapes = (QUICK_CUDA if args.device == "cuda" else QUICK_CPU) if args.quick else FULL
+    env = environment(args.device)
+    rows = [r for s in shapes for r in run_shape(s, args.device, backends)]
+    icl = icl_vs_reasoncache(args.device, backends[0], args.quick)
+    print(f"# decode attention (one layer, one new token per sequence) on {env['device']}\n")
+    print(markdown_table([r for r in rows if "skipped" not in r], COLUMNS))
+    print("\n# ReasonCACHE (short shared prefix) vs in-context learning (long prompt per sequence)\n")
+    print(markdown_table(icl, ICL_COLUMNS))
+    if args.out:
+        write_json(args.out, env, rows + [{"table": "icl_vs_reasoncache", **r} for r in icl])
+        png = str(Path(args.out).with_suffix("")) + "_speedup_vs_batch.png"
+        fused = [
+            {**r, "series": f"P={r['P']}, own={r['N']}"}
+            for r in rows
+            if r["method"].startswith("reasoncache-") and r["method"] == f"reasoncache-{backends[0]}"
+        ]
+        plot_lines(
+            fused,
+            "B",
+            "speedup_vs_copied",
+            "series",
+            png,
+            f"decode: shared prefix vs copied, {env['device']}",
+            "batch",
+            "speedup over the copied prefix",
+        )
+        print(f"\nwrote {args.out} and {png}")
+    return rows

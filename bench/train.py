@@ -1,0 +1,197 @@
+"""End-to-end prefix-training step: tokens/s and peak memory, same batch and length.
+
+Methods:
+  reasoncache   patched model, the fused op (one shared prefix per layer)
+  peft-prefix   PEFT prefix tuning: the prefix copied into every sequence's cache and
+                concatenated into HF's own SDPA attention (PEFT refuses gradient
+                checkpointing, so that variant is skipped with its reason)
+  lora          PEFT LoRA on q and v with about the same trainable parameters
+
+Models: Llama-shaped with random weights (``1b`` and ``8b`` configs on GPU, ``tiny`` on
+CPU) or ``default``, the embedded SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+import reasoncache
+
+from .common import bench_parser, environment, markdown_table, parse_bench_args, write_json
+
+CONFIGS = {
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32000,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+}
+
+
+def build(name: str, device: str, dtype: torch.dtype):
+    if name == "default":
+        from reasoncache.models import load_model
+
+        model, _ = load_model(device=device, dtype=dtype)
+        return model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**CONFIGS[name], max_position_embeddings=8192)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def prepare(method: str, model, prefix_len: int, checkpointing: bool):
+    """Wrap ``model`` for ``method``; returns (trainable model, trainable parameter count)."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    from reasoncache.demo import lora_rank_for
+    from reasoncache.trainer import enable_checkpointing
+
+    if method == "reasoncache":
+        cache = reasoncache.ReasonCache.for_model(model, prefix_len=prefix_len, init="random")
+        net = reasoncache.patch(model, cache)
+    elif method == "peft-prefix":
+        if checkpointing:
+            raise RuntimeError("PEFT prefix tuning does not support gradient checkpointing")
+        net = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_len))
+    elif method == "lora":
+        shape = reasoncache.hf.models.model_shape(model)
+        target = 2 * shape.num_layers * shape.num_kv_heads * prefix_len * shape.head_dim
+        r = lora_rank_for(model, target)
+        net = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    else:
+        raise ValueError(method)
+    if checkpointing:
+        enable_checkpointing(net)
+    net.train()
+    return net, sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def measure(net, B: int, N: int, device: str, steps: int) -> tuple[float, float | None]:
+    vocab = net.config.vocab_size
+    ids = torch.randint(vocab, (B, N), device=device, generator=torch.Generator(device).manual_seed(0))
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def step():
+        with autocast:
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (and autotuning)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return statistics.median(times), peak
+
+
+def run(model_name: str, B: int, N: int, P: int, device: str, steps: int, methods: list[str]) -> list[dict]:
+    rows = []
+    dtype = torch.float32
+    for ckpt in (False, True):
+        for method in methods:
+            row = {"model": model_name, "B": B, "N": N, "P": P, "method": method, "checkpointing": ckpt}
+            model = build(model_name, device, dtype)
+            try:
+                net, n_params = prepare(method, model, P, ckpt)
+                sec, peak = measure(net, B, N, device, steps)
+                row.update(trainable_params=n_params, step_s=sec, tokens_per_s=B * N / sec, peak_mib=peak)
+            except (RuntimeError, ValueError) as e:
+                row["skipped"] = str(e).splitlines()[0][:200]
+            rows.append(row)
+            del model
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    for ckpt in (False, True):
+        base = next((r.get("step_s") for r in rows if r["method"] == "peft-prefix" and not r["checkpointing"]), None)
+        for r in rows:
+            if r["checkpointing"] == ckpt and r.get("step_s") and base:
+                r["speedup_vs_peft_prefix"] = base / r["step_s"]
+    return rows
+
+
+COLUMNS = [
+    ("model", "model"),
+    ("B x N", "shape"),
+    ("P", "P"),
+    ("method", "method"),
+    ("checkpointing", "checkpointing"),
+    ("trainable", "trainable_params"),
+    ("step s", "step_s"),
+    ("tokens/s", "tokens_per_s"),
+    ("x peft-prefix", "speedup_vs_peft_prefix"),
+    ("peak MiB", "peak_mib"),
+]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = bench_parser("python -m bench train", __doc__)
+    ap.add_argument(
+        "--model", default=None, help="tiny | 1b | 8b | default (SmolLM2); default: tiny on CPU, 1b and 8b on CUDA"
+    )
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--prefix-len", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--methods", default="reasoncache,peft-prefix,lora")
+    args = parse_bench_args(ap, argv)
+    models = [args.model] if args.model else (["tiny"] if args.device == "cpu" or args.quick else ["1b", "8b"])
+    unknown = [m for m in models if m not in CONFIGS and m != "default"]
+    if unknown:
+        ap.error(f"--model: unknown {unknown}; choose from {list(CONFIGS) + ['default']}")
+    B = args.batch_size or (2 if args.quick else 8)
+    N = args.seq_len or (64 if args.quick else (100 if args.device == "cpu" else 2048))
+    steps = args.steps or (2 if args.quick else 5)
+    methods = [m.strip() for m in args.methods.split(",")]
+    env = environment(args.device)
+    rows = [r for m in models for r in run(m, B, N, args.prefix_len, args.device, steps, methods)]
+    for r in rows:
+        r["shape"] = f"{r['B']} x {r['N']}"
+    print(f"# prefix-training step on {env['device']} (median of {steps} steps after warm-up)\n")
+    print(markdown_table([r for r in rows if "skipped" not in r], COLUMNS))
+    for r in rows:
+        if "skipped" in r:
+            print(f"skipped {r['method']} (checkpointing={r['checkpointing']}): {r['skipped']}")
+    if args.out:
+        write_json(args.out, env, rows)
+        print(f"\nwrote {args.out}")
+    return rows
