@@ -94,57 +94,79 @@ def prepare(method: str, model, prefix_len: int, checkpointing: bool):
     return net, sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def measure(net, B: int, N: int, device: str, steps: int) -> tuple[float, float | None]:
-    vocab = net.config.vocab_size
-    ids = torch.randint(vocab, (B, N), device=device, generator=torch.Generator(device).manual_seed(0))
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+class StepRunner:
+    """One training step (forward, backward, AdamW) of a prepared model on fixed random tokens."""
 
-    def step():
-        with autocast:
-            loss = net(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, net, B: int, N: int, device: str):
+        self.net, self.device = net, device
+        g = torch.Generator(device).manual_seed(0)
+        self.ids = torch.randint(net.config.vocab_size, (B, N), device=device, generator=g)
+        self.opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
-    step()  # warm-up (and autotuning)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
+    def step(self) -> float:
         t0 = time.perf_counter()
-        step()
-        if device == "cuda":
+        with self.autocast:
+            loss = self.net(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return statistics.median(times), peak
+        return time.perf_counter() - t0
+
+
+def _median_s(runner: StepRunner, steps: int) -> float:
+    runner.step()  # warm-up (and autotuning)
+    return statistics.median(runner.step() for _ in range(steps))
 
 
 def run(model_name: str, B: int, N: int, P: int, device: str, steps: int, methods: list[str]) -> list[dict]:
+    """Median step time per (method, checkpointing). On the CPU all methods of a group are
+    built first and timed interleaved, round by round after a shared warm-up round, so
+    that allocator growth and clock changes fall on all alike (timed one after another,
+    the first method measured up to 15% slower here). On CUDA, where several large models
+    may not fit at once, each is built, timed (with its peak memory) and freed in turn."""
     rows = []
-    dtype = torch.float32
     for ckpt in (False, True):
+        group, runners = [], {}
         for method in methods:
             row = {"model": model_name, "B": B, "N": N, "P": P, "method": method, "checkpointing": ckpt}
-            model = build(model_name, device, dtype)
+            group.append(row)
             try:
-                net, n_params = prepare(method, model, P, ckpt)
-                sec, peak = measure(net, B, N, device, steps)
-                row.update(trainable_params=n_params, step_s=sec, tokens_per_s=B * N / sec, peak_mib=peak)
+                net, row["trainable_params"] = prepare(method, build(model_name, device, torch.float32), P, ckpt)
             except (RuntimeError, ValueError) as e:
                 row["skipped"] = str(e).splitlines()[0][:200]
-            rows.append(row)
-            del model
-            gc.collect()
+                continue
+            runner = StepRunner(net, B, N, device)
             if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                row["step_s"] = _median_s(runner, steps)
+                row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                del net, runner
+                gc.collect()
                 torch.cuda.empty_cache()
-    for ckpt in (False, True):
-        base = next((r.get("step_s") for r in rows if r["method"] == "peft-prefix" and not r["checkpointing"]), None)
-        for r in rows:
-            if r["checkpointing"] == ckpt and r.get("step_s") and base:
+            else:
+                runners[method] = runner
+        if runners:
+            times: dict[str, list[float]] = {m: [] for m in runners}
+            for r in range(steps + 1):
+                for m, runner in runners.items():
+                    t = runner.step()
+                    if r:
+                        times[m].append(t)
+            for row in group:
+                if row["method"] in times:
+                    row["step_s"] = statistics.median(times[row["method"]])
+                    row["step_s_min"] = min(times[row["method"]])
+        del runners
+        gc.collect()
+        rows += group
+    base = next((r.get("step_s") for r in rows if r["method"] == "peft-prefix" and not r["checkpointing"]), None)
+    for r in rows:
+        if r.get("step_s"):
+            r["tokens_per_s"] = B * N / r["step_s"]
+            if base:
                 r["speedup_vs_peft_prefix"] = base / r["step_s"]
     return rows
 
@@ -156,7 +178,8 @@ COLUMNS = [
     ("method", "method"),
     ("checkpointing", "checkpointing"),
     ("trainable", "trainable_params"),
-    ("step s", "step_s"),
+    ("step s (median)", "step_s"),
+    ("step s (min)", "step_s_min"),
     ("tokens/s", "tokens_per_s"),
     ("x peft-prefix", "speedup_vs_peft_prefix"),
     ("peak MiB", "peak_mib"),

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import cpu_flash
 from .reference import prefix_attention_ref, prefix_attention_ref_bwd
 
 ENV_VAR = "REASONCACHE_BACKEND"
@@ -34,6 +35,8 @@ def _torch_reasons(q: Tensor) -> list[str]:
 
 
 def _torch_fwd(q, k, v, pk, pv, kpm, causal, scale, window):
+    if cpu_flash.supported(q, pk):
+        return cpu_flash.fwd(q, k, v, pk, pv, kpm, causal, scale, window)
     out, lse = prefix_attention_ref(
         q, k, v, pk, pv, causal=causal, softmax_scale=scale, key_padding_mask=kpm, sliding_window=window or None
     )
@@ -41,19 +44,13 @@ def _torch_fwd(q, k, v, pk, pv, kpm, causal, scale, window):
 
 
 def _torch_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale, window):
-    grads = prefix_attention_ref_bwd(
-        dout,
-        dlse,
-        q,
-        k,
-        v,
-        pk,
-        pv,
-        causal=causal,
-        softmax_scale=scale,
-        key_padding_mask=kpm,
-        sliding_window=window or None,
-    )
+    if cpu_flash.supported(q, pk) and (dlse is None or not bool(dlse.any())):
+        grads = cpu_flash.bwd(dout, q, k, v, pk, pv, kpm, out, lse, causal, scale, window)
+    else:
+        grads = prefix_attention_ref_bwd(
+            dout, dlse, q, k, v, pk, pv, causal=causal, softmax_scale=scale, key_padding_mask=kpm,
+            sliding_window=window or None, out=out, lse=lse,
+        )  # fmt: skip
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v, pk, pv)))
 
 

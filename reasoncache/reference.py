@@ -45,13 +45,23 @@ def prefix_attention_ref(
         ``out [B, Hq, Nq, D]`` in ``compute_dtype`` and ``lse [B, Hq, Nq]`` (natural log,
         ``-inf`` for a query that sees no key at all; its output row is 0).
     """
-    qg, k, v, pk, pv, p, lse, scale = _probs(
-        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, compute_dtype
+    B, Hq, Nq, D = q.shape
+    cd = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    qg, s_pre, s_own, pk, pv, v = _scores(
+        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, cd
     )
-    P = pk.shape[1]
-    out = torch.einsum("bhgqp,hpd->bhgqd", p[..., :P], pv)
-    out = out + torch.einsum("bhgqk,bhkd->bhgqd", p[..., P:], v)
-    return out.reshape(q.shape), lse.reshape(q.shape[:3])
+    m = torch.full(s_own.shape[:-1], float("-inf"), dtype=cd, device=q.device)
+    for s in (s_pre, s_own):
+        if s.shape[-1]:
+            m = torch.maximum(m, s.amax(-1))
+    m = m.masked_fill(torch.isneginf(m), 0.0)  # a row with no visible key: all scores -inf
+    e_pre, e_own = (s_pre - m[..., None]).exp_(), (s_own - m[..., None]).exp_()
+    l = e_pre.sum(-1) + e_own.sum(-1)
+    empty = l == 0  # such a row gets output 0 and lse -inf, with finite gradients
+    l = l.masked_fill(empty, 1.0)
+    out = (torch.einsum("bhmp,hpd->bhmd", e_pre, pv) + e_own @ v) / l[..., None]
+    lse = (m + torch.log(l)).masked_fill(empty, float("-inf"))
+    return out.reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)
 
 
 def prefix_attention_ref_bwd(
@@ -67,65 +77,73 @@ def prefix_attention_ref_bwd(
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
     sliding_window: int | None = None,
+    out: Tensor | None = None,
+    lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Explicit backward of ``prefix_attention_ref`` (the same math as the kernels).
 
-    ``dout [B, Hq, Nq, D]``, ``dlse [B, Hq, Nq]`` or None. Returns ``dq, dk, dv,
-    dprefix_k, dprefix_v`` in the compute dtype; the prefix gradients ``[Hkv, P, D]``
-    are summed over the batch by the einsum contraction, without a per-sequence copy.
+    ``dout [B, Hq, Nq, D]``, ``dlse [B, Hq, Nq]`` or None; ``out``/``lse`` the forward's
+    outputs (recomputed when not given). Returns ``dq, dk, dv, dprefix_k, dprefix_v`` in
+    the compute dtype; the prefix gradients ``[Hkv, P, D]`` are summed over the batch by
+    the einsum contraction, without a per-sequence copy.
     """
-    qg, k, v, pk, pv, p, lse, scale = _probs(
-        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, None
+    if out is None or lse is None:
+        out, lse = prefix_attention_ref(
+            q,
+            k,
+            v,
+            prefix_k,
+            prefix_v,
+            causal=causal,
+            softmax_scale=softmax_scale,
+            key_padding_mask=key_padding_mask,
+            sliding_window=sliding_window,
+        )
+    B, Hq, Nq, D = q.shape
+    Hkv = k.shape[1]
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg, s_pre, s_own, pk, pv, v = _scores(
+        q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, cd
     )
-    P = pk.shape[1]
-    do = dout.to(qg.dtype).reshape(qg.shape)
-    dp = torch.cat([torch.einsum("bhgqd,hpd->bhgqp", do, pv), torch.einsum("bhgqd,bhkd->bhgqk", do, v)], dim=-1)
-    delta = (p * dp).sum(-1, keepdim=True)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    lse = lse.to(cd).reshape(B, Hkv, -1)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))[..., None]  # rows that saw nothing: p = 0
+    p_pre, p_own = (s_pre - lse).exp_(), (s_own - lse).exp_()
+    do = dout.to(cd).reshape(B, Hkv, -1, D)
+    delta = (do * out.to(cd).reshape(B, Hkv, -1, D)).sum(-1, keepdim=True)
     if dlse is not None:
-        delta = delta - dlse.to(qg.dtype).reshape(lse.shape)
-    ds = p * (dp - delta) * scale  # p = 0 on masked keys and on rows that see no key
-    dq = torch.einsum("bhgqp,hpd->bhgqd", ds[..., :P], pk) + torch.einsum("bhgqk,bhkd->bhgqd", ds[..., P:], k)
-    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds[..., P:], qg)
-    dv = torch.einsum("bhgqk,bhgqd->bhkd", p[..., P:], do)
-    dpk = torch.einsum("bhgqp,bhgqd->hpd", ds[..., :P], qg)
-    dpv = torch.einsum("bhgqp,bhgqd->hpd", p[..., :P], do)
-    return dq.reshape(q.shape), dk, dv, dpk, dpv
+        delta = delta - dlse.to(cd).reshape(B, Hkv, -1, 1)
+    ds_pre = (torch.einsum("bhmd,hpd->bhmp", do, pv) - delta).mul_(p_pre)
+    ds_own = (do @ v.transpose(-1, -2) - delta).mul_(p_own)
+    dq = (torch.einsum("bhmp,hpd->bhmd", ds_pre, pk) + ds_own @ k.to(cd)) * scale
+    dk = ds_own.transpose(-1, -2) @ qg  # qg carries the scale
+    dv = p_own.transpose(-1, -2) @ do
+    dpk = torch.einsum("bhmp,bhmd->hpd", ds_pre, qg)
+    dpv = torch.einsum("bhmp,bhmd->hpd", p_pre, do)
+    return dq.reshape(B, Hq, Nq, D), dk, dv, dpk, dpv
 
 
-def _probs(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, compute_dtype):
-    """Upcast, score against prefix and own keys, mask, softmax.
-
-    Returns the grouped ``qg [B, Hkv, G, Nq, D]``, upcast k, v, prefix_k, prefix_v,
-    ``p [B, Hkv, G, Nq, P + Nk]``, ``lse [B, Hkv, G, Nq, 1]`` and the scale.
-    """
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+def _scores(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, cd):
+    """Scaled scores against the prefix ``[B, Hkv, G*Nq, P]`` and the own keys
+    ``[B, Hkv, G*Nq, Nk]`` (masked keys -inf). Query heads of a KV head are grouped on the
+    row axis (row ``g * Nq + i``), so every product is one batched matmul and the prefix
+    is never expanded per sequence. Also returns the scaled grouped queries and the
+    upcast prefix_k, prefix_v and v."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-
-    qg = q.to(compute_dtype).reshape(B, Hkv, Hq // Hkv, Nq, D)
-    k, v = k.to(compute_dtype), v.to(compute_dtype)
-    pk, pv = prefix_k.to(compute_dtype), prefix_v.to(compute_dtype)
-
-    s_pre = torch.einsum("bhgqd,hpd->bhgqp", qg, pk) * scale
-    s_own = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
-
-    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
+    qg = (q.to(cd) * scale).reshape(B, Hkv, (Hq // Hkv) * Nq, D)
+    pk, pv = prefix_k.to(cd), prefix_v.to(cd)
+    s_pre = torch.einsum("bhmd,hpd->bhmp", qg, pk)
+    s_own = qg @ k.to(cd).transpose(-1, -2)
+    visible = None
     if causal:
-        visible = visible.tril(diagonal=Nk - Nq)
+        visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(diagonal=Nk - Nq)
         if sliding_window is not None:
             visible = visible.triu(diagonal=Nk - Nq - sliding_window + 1)
-    visible = visible.expand(B, 1, 1, Nq, Nk)
     if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, None, :]
-
-    s = torch.cat([s_pre, s_own.masked_fill(~visible, float("-inf"))], dim=-1)
-    # A row with no visible key at all (P == 0 and everything masked) gets a zero output
-    # and lse = -inf. Softmax runs on a finite stand-in row so neither value nor
-    # gradient is NaN.
-    empty = torch.isinf(s).all(dim=-1, keepdim=True)
-    s = s.masked_fill(empty, 0.0)
-    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
-    return qg, k, v, pk, pv, p, lse, scale
+        kpm = key_padding_mask[:, None, None, None, :]
+        visible = kpm if visible is None else visible & kpm
+    if visible is not None:
+        s_own.view(B, Hkv, Hq // Hkv, Nq, Nk).masked_fill_(~visible, float("-inf"))
+    return qg, s_pre, s_own, pk, pv, v.to(cd)
