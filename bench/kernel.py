@@ -8,6 +8,11 @@ Methods:
                        torch.nn.attention.bias.causal_lower_right
   sdpa-concat-mask     prefix copied in front of every sequence, SDPA with an explicit
                        boolean mask (what Hugging Face + PEFT prefix tuning runs)
+  flash-attn-concat    flash_attn_func on the concatenation (bottom-right causal), when
+                       flash-attn is installed
+  hydragen-flex        the Hydragen split with FlexAttention: the prefix as one batch-1 KV
+                       against every query of the batch, the own keys causal, merged by
+                       log-sum-exp (compiled on CUDA; eager elsewhere)
 """
 
 from __future__ import annotations
@@ -89,6 +94,49 @@ def _sdpa_concat(q, k, v, pk, pv, causal, explicit_mask):
     return F.scaled_dot_product_attention(q, kc, vc, enable_gqa=gqa)
 
 
+def _flash_attn_concat(q, k, v, pk, pv, causal):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as e:
+        raise RuntimeError("flash-attn is not installed") from e
+    B = q.shape[0]
+    kc = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
+    vc = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
+    out = flash_attn_func(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), causal=causal)  # bottom-right
+    return out.transpose(1, 2)
+
+
+_flex_cache: dict = {}
+
+
+def _hydragen_flex(q, k, v, pk, pv, causal):
+    """Prefix part: one batch-1 KV (the shared prefix) against all B*Nq queries; own part:
+    causal (bottom-right) FlexAttention; merge by log-sum-exp."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise RuntimeError("this torch has no FlexAttention") from e
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    flex = flex_attention
+    if q.is_cuda:
+        flex = _flex_cache.setdefault("compiled", torch.compile(flex_attention))
+    o_p, l_p = flex(q.transpose(0, 1).reshape(1, Hq, B * Nq, D), pk[None], pv[None], enable_gqa=True, return_lse=True)
+    o_p = o_p.reshape(Hq, B, Nq, D).transpose(0, 1)
+    l_p = l_p.reshape(Hq, B, Nq).transpose(0, 1)
+    block = None
+    if causal:
+        key = (Nq, Nk, q.device)
+        if key not in _flex_cache:
+            _flex_cache[key] = create_block_mask(
+                lambda b, h, i, j: j <= i + (Nk - Nq), None, None, Nq, Nk, device=q.device
+            )
+        block = _flex_cache[key]
+    o_o, l_o = flex(q, k, v, block_mask=block, enable_gqa=True, return_lse=True)
+    lse = torch.logaddexp(l_p, l_o)
+    return o_p * torch.exp(l_p - lse)[..., None].to(o_p.dtype) + o_o * torch.exp(l_o - lse)[..., None].to(o_o.dtype)
+
+
 METHODS = {
     "reasoncache-triton": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(
         q, k, v, pk, pv, causal=c, backend="triton"
@@ -98,6 +146,8 @@ METHODS = {
     ),
     "sdpa-concat-lower-right": lambda q, k, v, pk, pv, c: _sdpa_concat(q, k, v, pk, pv, c, explicit_mask=False),
     "sdpa-concat-mask": lambda q, k, v, pk, pv, c: _sdpa_concat(q, k, v, pk, pv, c, explicit_mask=True),
+    "flash-attn-concat": _flash_attn_concat,
+    "hydragen-flex": _hydragen_flex,
 }
 
 

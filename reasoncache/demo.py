@@ -112,6 +112,7 @@ def run_demo(
         seed=o["seed"],
         max_new_tokens=o["max_new_tokens"],
         eval_steps=list(range(0, steps, every)),
+        eval_at_end=False,  # the full final evaluation below is the curve's last point
         eval_limit=o["curve_n"],
         checkpoint_every=steps,
     )
@@ -174,6 +175,7 @@ def run_demo(
         "device": device,
         "total_s": total_s,
         "threads": torch.get_num_threads(),
+        "environment": _environment(device),
         "rows": rows,
     }
     (outdir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -187,6 +189,35 @@ def run_demo(
         f"{outdir}/accuracy_vs_examples.png"
     )
     return summary
+
+
+def _environment(device: str) -> dict:
+    """Versions and git commit behind a demo run (results must say what produced them)."""
+    import platform
+    import subprocess
+
+    import transformers
+
+    from . import __version__
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "reasoncache": __version__,
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def render_table(rows: list[dict]) -> str:

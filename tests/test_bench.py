@@ -1,10 +1,16 @@
 """The benchmark harness runs and checks its baselines (timings are never asserted)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bench import common, kernel
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_flops_count_causal_pairs_exactly():
@@ -72,3 +78,24 @@ def test_train_bench_runs_every_method_and_skips_with_reasons(monkeypatch):
     assert all(r["tokens_per_s"] > 0 and r["trainable_params"] > 0 for r in timed)
     rc = next(r for r in timed if r["method"] == "reasoncache")
     assert rc["trainable_params"] == 2 * 2 * 2 * 4 * 16  # 2 layers x (k, v) x 2 kv heads x P=4 x D=16
+
+
+def test_every_suite_runs_quick_on_cpu_and_writes_json_and_plots(tmp_path):
+    """`python -m bench {kernel,decode,train} --quick --device cpu --out FILE`, as a user runs
+    it (a subprocess without the test suite's TRITON_INTERPRET): CI's smoke test."""
+    pytest.importorskip("peft")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for suite in ("kernel", "decode", "train"):
+        out = tmp_path / f"{suite}.json"
+        res = subprocess.run(
+            [sys.executable, "-m", "bench", suite, "--quick", "--device", "cpu", "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        data = json.loads(out.read_text())
+        assert data["rows"] and data["environment"]["device_type"] == "cpu"
+    assert (tmp_path / "kernel_tflops_vs_n.png").is_file() and (tmp_path / "decode_speedup_vs_batch.png").is_file()
