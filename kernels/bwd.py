@@ -323,7 +323,7 @@ def prefix_attention_bwd(
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
 
-    meta = launch_meta(q, Hkv)
+    meta = launch_meta(q)
     prec = dot_precision(q.dtype)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty((1, 1), dtype=torch.uint8)
     has_kpm = key_padding_mask is not None

@@ -172,7 +172,7 @@ def prefix_attention_fwd(
         lse.fill_(float("-inf"))
         return out.zero_(), lse
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty((1, 1), dtype=torch.uint8)
-    meta = launch_meta(q, Hkv)
+    meta = launch_meta(q)
     group = Hq // Hkv
 
     def grid(cfg):

@@ -20,7 +20,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch_meta(q: torch.Tensor, hkv: int) -> dict:
+def launch_meta(q: torch.Tensor) -> dict:
     """Head dim, padded to the power of two that tl.arange and tl.dot need (>= 16)."""
     d = q.shape[-1]
     return {"HEAD_DIM": d, "BLOCK_D": max(16, triton.next_power_of_2(d))}

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from .cache import ReasonCache
 from .evaluate import evaluate
 from .hf import patch, unpatch
 from .models import load_model
@@ -265,4 +264,4 @@ def plot_curves(rows: list[dict], path: Path, task: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["run_demo", "ReasonCache"]
+__all__ = ["run_demo", "render_table", "plot_curves", "lora_rank_for"]
