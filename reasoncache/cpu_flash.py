@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .reference import causal_visibility
+
 _fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
@@ -39,10 +41,7 @@ def _own_mask(q, k, kpm, causal, window) -> tuple[Tensor | None, Tensor | None]:
     Hkv, Nk = k.shape[1], k.shape[2]
     visible = None
     if causal:
-        visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(Nk - Nq)
-        if window:
-            visible = visible.triu(Nk - Nq - window + 1)
-        visible = visible.repeat(Hq // Hkv, 1)[None, None]
+        visible = causal_visibility(Nq, Nk, window, q.device).repeat(Hq // Hkv, 1)[None, None]
     if kpm is not None:
         pad = kpm[:, None, None, :]
         visible = pad if visible is None else visible & pad

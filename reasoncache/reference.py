@@ -123,6 +123,14 @@ def prefix_attention_ref_bwd(
     return dq.reshape(B, Hq, Nq, D), dk, dv, dpk, dpv
 
 
+def causal_visibility(nq: int, nk: int, sliding_window: int | None, device) -> Tensor:
+    """Which own keys each query sees under the op's causal rule, ``[Nq, Nk]`` bool:
+    bottom-right aligned (query ``i`` sees key ``j`` iff ``j <= i + Nk - Nq``) and, with a
+    window ``W``, also ``j > i + Nk - Nq - W``. The one definition every path uses."""
+    visible = torch.ones(nq, nk, dtype=torch.bool, device=device).tril(nk - nq)
+    return visible.triu(nk - nq - sliding_window + 1) if sliding_window else visible
+
+
 def _scores(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, cd):
     """Scaled scores against the prefix ``[B, Hkv, G*Nq, P]`` and the own keys
     ``[B, Hkv, G*Nq, Nk]`` (masked keys -inf). Query heads of a KV head are grouped on the
@@ -136,11 +144,7 @@ def _scores(q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask
     pk, pv = prefix_k.to(cd), prefix_v.to(cd)
     s_pre = torch.einsum("bhmd,hpd->bhmp", qg, pk)
     s_own = qg @ k.to(cd).transpose(-1, -2)
-    visible = None
-    if causal:
-        visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril(diagonal=Nk - Nq)
-        if sliding_window is not None:
-            visible = visible.triu(diagonal=Nk - Nq - sliding_window + 1)
+    visible = causal_visibility(Nq, Nk, sliding_window, q.device) if causal else None
     if key_padding_mask is not None:
         kpm = key_padding_mask[:, None, None, None, :]
         visible = kpm if visible is None else visible & kpm

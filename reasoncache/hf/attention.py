@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import prefix_attention
+from ..reference import causal_visibility
 
 NAME = "reasoncache"
 
@@ -32,11 +33,6 @@ def _fused(kpm: Tensor) -> Tensor:
     mask = kpm[:, None, None, :].contiguous()
     mask._reasoncache_fused = True
     return mask
-
-
-def _bottom_right(nq: int, nk: int, window: int | None, device) -> Tensor:
-    m = torch.ones(nq, nk, dtype=torch.bool, device=device).tril(nk - nq)
-    return m.triu(nk - nq - window + 1) if window else m
 
 
 def _key_padding(padding: Tensor | None, kv_length: int, kv_offset: int) -> Tensor | None:
@@ -79,7 +75,7 @@ def reasoncache_mask(*args, **kwargs):
     if pattern is not None and pattern.dim() == 4:
         seen = pattern.any(dim=-2, keepdim=True)  # keys some query may see (not unwritten cache slots)
         for window in (None, getattr(kwargs.get("config"), "sliding_window", None)):
-            expected = _bottom_right(pattern.shape[-2], pattern.shape[-1], window, pattern.device) & seen
+            expected = causal_visibility(pattern.shape[-2], pattern.shape[-1], window, pattern.device) & seen
             if torch.equal(pattern, expected.expand_as(pattern)):
                 if kpm is None and bool(seen.all()):
                     return None
