@@ -1,10 +1,10 @@
-"""``python -m bench {kernel|decode|train} [--quick] [--device cpu|cuda] [--out FILE]``."""
+"""``python -m bench {kernel|decode|train|quality} ...``; ``--help`` after a suite lists its options."""
 
 import sys
 
-from . import decode, kernel, train
+from . import decode, kernel, quality, train
 
-SUITES = {"kernel": kernel.main, "decode": decode.main, "train": train.main}
+SUITES = {"kernel": kernel.main, "decode": decode.main, "train": train.main, "quality": quality.main}
 
 
 def main(argv: list[str]) -> int:

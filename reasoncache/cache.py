@@ -30,6 +30,11 @@ class ReasonCache(nn.Module):
         reparam_hidden: if > 0, learn the prefix through an MLP (Li & Liang's prefix
             tuning): ``prefix = init + MLP(embedding)``, the MLP's last layer starting at zero
             so training starts exactly at ``init``. ``fold()`` turns it back into tensors.
+        rms_scaled: learn keys and values in units of their initial root-mean-square per
+            layer and KV head (``prefix = scale * theta``, ``scale`` a frozen buffer). An
+            optimizer step then moves keys and values by the same *relative* amount,
+            though their scales differ by up to 40x (SmolLM2: keys ~2, values 0.05-1.8).
+            ``fold()`` multiplies the scale back in.
     """
 
     def __init__(
@@ -40,6 +45,7 @@ class ReasonCache(nn.Module):
         *,
         sink: bool = False,
         reparam_hidden: int = 0,
+        rms_scaled: bool = False,
         model_fingerprint: str | None = None,
         position_offset: int = 0,
     ):
@@ -56,6 +62,7 @@ class ReasonCache(nn.Module):
         self.prefix_len = keys.shape[2]
         self.sink = sink
         self.reparam_hidden = int(reparam_hidden)
+        self.rms_scaled = bool(rms_scaled)
         self.model_fingerprint = model_fingerprint
         self.position_offset = position_offset
         keys, values = keys.detach().float(), values.detach().float()
@@ -63,6 +70,12 @@ class ReasonCache(nn.Module):
             self.register_buffer("sink_keys", keys[:, :, :1].clone())
             self.register_buffer("sink_values", values[:, :, :1].clone())
             keys, values = keys[:, :, 1:], values[:, :, 1:]
+        if self.rms_scaled:
+            ks = keys.pow(2).mean((2, 3), keepdim=True).sqrt().clamp_min(1e-6)  # [L, Hkv, 1, 1]
+            vs = values.pow(2).mean((2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+            self.register_buffer("key_scale", ks)
+            self.register_buffer("value_scale", vs)
+            keys, values = keys / ks, values / vs
         if self.reparam_hidden:
             L, H, P, D = keys.shape
             h = self.reparam_hidden
@@ -86,6 +99,8 @@ class ReasonCache(nn.Module):
             k, v = self.base_keys[i] + dk, self.base_values[i] + dv
         else:
             k, v = self.keys[i], self.values[i]
+        if self.rms_scaled:
+            k, v = k * self.key_scale[i], v * self.value_scale[i]
         if self.sink:
             k = torch.cat([self.sink_keys[i], k], dim=1)
             v = torch.cat([self.sink_values[i], v], dim=1)
@@ -98,17 +113,21 @@ class ReasonCache(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> ReasonCache:
-        """Replace the MLP reparametrization by the plain tensors it produces (in place)."""
-        if not self.reparam_hidden:
+        """Replace the MLP reparametrization and the RMS scaling by the plain tensors they
+        produce (in place); the prefix the model sees is unchanged."""
+        if not (self.reparam_hidden or self.rms_scaled):
             return self
         k, v = self.tensors()
         if self.sink:
             k, v = k[:, :, 1:], v[:, :, 1:]
-        for name in ("embedding", "head_weight", "head_bias"):
-            delattr(self, name)
-        del self.mlp, self.base_keys, self.base_values
+        if self.reparam_hidden:
+            for name in ("embedding", "head_weight", "head_bias"):
+                delattr(self, name)
+            del self.mlp, self.base_keys, self.base_values
+        if self.rms_scaled:
+            del self.key_scale, self.value_scale
         self.keys, self.values = nn.Parameter(k.clone()), nn.Parameter(v.clone())
-        self.reparam_hidden = 0
+        self.reparam_hidden, self.rms_scaled = 0, False
         return self
 
     def num_trainable_parameters(self) -> int:
@@ -118,7 +137,7 @@ class ReasonCache(nn.Module):
         s = self.shape
         return (
             f"{s.model_type}: {s.num_layers} layers x {s.num_kv_heads} kv heads x P={self.prefix_len} x "
-            f"D={s.head_dim}, sink={self.sink}, reparam_hidden={self.reparam_hidden}"
+            f"D={s.head_dim}, sink={self.sink}, reparam_hidden={self.reparam_hidden}, rms_scaled={self.rms_scaled}"
         )
 
     # ------------------------------------------------------------------ building
@@ -132,6 +151,7 @@ class ReasonCache(nn.Module):
         seed: int = 0,
         sink: bool = False,
         reparam_hidden: int = 0,
+        rms_scaled: bool = False,
     ) -> ReasonCache:
         """A fresh prefix for ``model``.
 
@@ -148,7 +168,7 @@ class ReasonCache(nn.Module):
         device = next(model.parameters()).device
         if init == "tokens":
             ids = torch.randint(vocab, (1, prefix_len), generator=g).to(device)
-            return cls.from_demonstrations(model, ids, sink=sink, reparam_hidden=reparam_hidden)
+            return cls.from_demonstrations(model, ids, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled)
         probe = torch.randint(vocab, (1, 32), generator=g).to(device)
         k, v = record_keys_values(model, probe, torch.arange(32, device=device)[None])
         shape = model_shape(model)
@@ -162,13 +182,20 @@ class ReasonCache(nn.Module):
             values,
             sink=sink,
             reparam_hidden=reparam_hidden,
+            rms_scaled=rms_scaled,
             model_fingerprint=fingerprint(model),
             position_offset=0,
         ).to(device)
 
     @classmethod
     def from_demonstrations(
-        cls, model: nn.Module, demo_ids: Tensor, *, sink: bool = False, reparam_hidden: int = 0
+        cls,
+        model: nn.Module,
+        demo_ids: Tensor,
+        *,
+        sink: bool = False,
+        reparam_hidden: int = 0,
+        rms_scaled: bool = False,
     ) -> ReasonCache:
         """The keys and values the model computes for ``demo_ids [1, P]`` placed right before
         its input (positions ``-P..-1``; absolute-position models such as GPT-2 instead see
@@ -200,6 +227,7 @@ class ReasonCache(nn.Module):
             v,
             sink=sink,
             reparam_hidden=reparam_hidden,
+            rms_scaled=rms_scaled,
             model_fingerprint=fingerprint(model),
             position_offset=P if absolute else 0,
         ).to(device)
@@ -252,6 +280,7 @@ class ReasonCache(nn.Module):
             "dtype": "float32",
             "sink": self.sink,
             "reparam_hidden": self.reparam_hidden,
+            "rms_scaled": self.rms_scaled,
             "position_offset": self.position_offset,
             "model_fingerprint": self.model_fingerprint,
         }
@@ -290,6 +319,7 @@ class ReasonCache(nn.Module):
             torch.zeros(size),
             sink=cfg["sink"],
             reparam_hidden=cfg["reparam_hidden"],
+            rms_scaled=cfg.get("rms_scaled", False),
             model_fingerprint=cfg.get("model_fingerprint"),
             position_offset=cfg.get("position_offset", 0),
         )

@@ -32,7 +32,19 @@ def arithmetic_chain(rng: random.Random) -> Example:
     return Example(prompt, " ".join(steps) + f" #### {x}", str(x))
 
 
-TASKS = {"arithmetic": arithmetic_chain}
+def digit_sum(rng: random.Random) -> Example:
+    """'What is the sum of the digits of 4827?' -> '4 + 8 = 12. 12 + 2 = 14. 14 + 7 = 21.
+    #### 21'. Four- or five-digit numbers: reading digits, then a running sum."""
+    n = rng.randint(1000, 99999)
+    digits = [int(c) for c in str(n)]
+    steps, total = [], digits[0]
+    for d in digits[1:]:
+        steps.append(f"{total} + {d} = {total + d}.")
+        total += d
+    return Example(f"What is the sum of the digits of {n}?", " ".join(steps) + f" #### {total}", str(total))
+
+
+TASKS = {"arithmetic": arithmetic_chain, "digit_sum": digit_sum}
 
 
 def make_split(task: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:

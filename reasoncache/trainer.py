@@ -342,6 +342,7 @@ def build_cache(
     seed: int = 0,
     sink: bool = False,
     reparam_hidden: int = 0,
+    rms_scaled: bool = False,
 ):
     """A ReasonCache to start training from.
 
@@ -354,7 +355,9 @@ def build_cache(
     from .cache import ReasonCache
 
     if init in ("random", "tokens"):
-        return ReasonCache.for_model(model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden)
+        return ReasonCache.for_model(
+            model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled
+        )
     if init != "demonstrations":
         raise ValueError(f"init must be 'demonstrations', 'random' or 'tokens', got {init!r}")
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
@@ -369,4 +372,4 @@ def build_cache(
     if len(ids) < prefix_len:
         raise ValueError(f"the training data has only {len(ids)} tokens; prefix_len={prefix_len} needs more")
     demo = torch.tensor([ids[:prefix_len]], device=next(model.parameters()).device)
-    return ReasonCache.from_demonstrations(model, demo, sink=sink, reparam_hidden=reparam_hidden)
+    return ReasonCache.from_demonstrations(model, demo, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled)

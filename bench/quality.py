@@ -1,0 +1,173 @@
+"""Prefix vs LoRA accuracy study: ``python -m bench quality``.
+
+Each run trains one method on one task with one seed (the seed picks the train/test
+split, the batch order and the initialization; prefix and LoRA runs with the same seed
+see the same data in the same order), then evaluates exact-match accuracy on the held-out
+test set. Runs append one JSON line to ``--out`` and are skipped when already there, so
+an interrupted study resumes where it stopped. ``--table`` prints mean, standard
+deviation and range per (task, variant) from that file.
+
+    python -m bench quality --task arithmetic --variants lora prefix prefix-rms --seeds 0 1 2
+    python -m bench quality --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .common import environment
+
+# Every variant the study has run; the README's table names them. The prefix variants use
+# P=16 (184K parameters on SmolLM2-135M); LoRA's rank is chosen to match that count.
+VARIANTS: dict[str, dict] = {
+    "lora": dict(kind="lora", lr=2e-3),
+    "prefix": dict(kind="prefix", init="demonstrations", lr=1e-2),
+    "prefix-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2),
+    "prefix-rms": dict(kind="prefix", init="demonstrations", lr=1e-2, rms_scaled=True),
+    "prefix-rms-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, rms_scaled=True),
+    "prefix-rms-lr1e-1": dict(kind="prefix", init="demonstrations", lr=1e-1, rms_scaled=True),
+    "prefix-random": dict(kind="prefix", init="random", lr=1e-2),
+}
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "quality_cpu_smollm2.jsonl"
+
+
+def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None) -> dict:
+    from reasoncache.demo import DEFAULTS, lora_rank_for
+    from reasoncache.evaluate import evaluate
+    from reasoncache.hf import patch
+    from reasoncache.models import load_model
+    from reasoncache.tasks import make_split
+    from reasoncache.trainer import TrainConfig, Trainer, build_cache
+
+    v = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model, tok = load_model(model_path, device="cpu")
+    batch = DEFAULTS["batch_size"]
+    train, test = make_split(task, steps * batch, DEFAULTS["n_test"], seed)
+    cache = build_cache(
+        model,
+        tok,
+        train,
+        DEFAULTS["prefix_len"],
+        v.get("init", "demonstrations"),
+        seed=seed,
+        sink=v.get("sink", False),
+        reparam_hidden=v.get("reparam_hidden", 0),
+        rms_scaled=v.get("rms_scaled", False),
+    )
+    n_prefix = cache.num_trainable_parameters()
+    if v["kind"] == "prefix":
+        patch(model, cache)
+        trained, n_params = model, n_prefix
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        r = lora_rank_for(model, n_prefix)
+        trained = get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        )
+        n_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch,
+        lr=v["lr"],
+        seed=seed,
+        eval_at_end=False,
+        checkpoint_every=10**9,
+        max_new_tokens=DEFAULTS["max_new_tokens"],
+    )
+    out_dir = Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
+    t0 = time.time()
+    history = Trainer(trained, tok, train, cfg, out_dir, progress=False).train()
+    train_s = time.time() - t0
+    losses = [r["loss"] for r in history if "loss" in r]
+    row = {
+        "task": task,
+        "variant": variant,
+        "config": v,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch,
+        "trainable_params": n_params,
+        "train_s": round(train_s, 1),
+        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+    }
+    if evaluate_test:
+        trained.eval()
+        res = evaluate(trained, tok, test, max_new_tokens=DEFAULTS["max_new_tokens"])
+        row.update(accuracy=res["accuracy"], n=res["n"])
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (task, variant, steps) with accuracy mean ± std over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["steps"], r["variant"]), []).append(r)
+    out = [
+        "| task | variant | config | params | seeds | accuracy mean ± std | min-max | final train loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (task, steps, variant), rs in sorted(groups.items()):
+        cfg = ", ".join(f"{k}={v}" for k, v in rs[0]["config"].items() if k != "kind")
+        accs = [r["accuracy"] for r in rs if "accuracy" in r]
+        loss = statistics.mean(r["loss_last10"] for r in rs)
+        if accs:
+            sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+            acc, rng = f"{statistics.mean(accs):.3f} ± {sd:.3f}", f"{min(accs):.2f}-{max(accs):.2f}"
+        else:
+            acc = rng = "-"
+        out.append(
+            f"| {task} ({steps} steps) | {variant} | {cfg} | {rs[0]['trainable_params']:,} | {len(rs)} "
+            f"| {acc} | {rng} | {loss:.3f} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", nargs="+", default=["arithmetic"])
+    ap.add_argument("--variants", nargs="+", default=["lora", "prefix"], choices=sorted(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=100, help="training steps of batch 8 (the demo's 100)")
+    ap.add_argument("--no-eval", action="store_true", help="train only and record the loss (a quick screen)")
+    ap.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON-lines file the runs append to")
+    ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    args = ap.parse_args(argv)
+    done = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()] if args.out.exists() else []
+    if args.table:
+        print(table(done))
+        return
+    have = {(r["task"], r["variant"], r["seed"], r["steps"], "accuracy" in r) for r in done}
+    env = environment("cpu")
+    for seed in args.seeds:  # seed-major: every variant gets seed 0 before any gets seed 1
+        for task in args.task:
+            for variant in args.variants:
+                if (task, variant, seed, args.steps, not args.no_eval) in have:
+                    continue
+                row = run_one(
+                    task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval, model_path=args.model
+                )
+                row.update(commit=env.get("git_commit"), torch=env.get("torch"), threads=torch.get_num_threads())
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with args.out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(
+                    json.dumps(
+                        {k: row[k] for k in ("task", "variant", "seed", "loss_last10", "train_s")}
+                        | {"accuracy": row.get("accuracy")}
+                    ),
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
