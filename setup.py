@@ -2,9 +2,83 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder and are installed as the
 ``reasoncache.kernels`` subpackage (never as a top-level ``kernels`` module).
+
+The CUDA C++ kernels in ``csrc/`` are built as ``reasoncache._C`` (torch cpp_extension,
+ninja, pybind11) whenever nvcc and a CUDA build of torch are present. Environment:
+  REASONCACHE_SKIP_CUDA_BUILD=1  skip it (the Triton and PyTorch backends still work)
+  TORCH_CUDA_ARCH_LIST           GPU architectures (default "8.0;9.0": A100, H100)
+  MAX_JOBS                       parallel compile jobs (ninja)
+  CUDA_HOME                      the CUDA toolkit (default: found from nvcc on the PATH)
 """
 
+import glob
+import os
+import re
+import shutil
+import sys
+
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_home() -> str | None:
+    """CUDA_HOME, else the toolkit behind ``nvcc`` on the PATH (following a symlink, or a
+    wrapper script that execs ``<toolkit>/bin/nvcc``)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = os.path.realpath(nvcc)
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            m = re.search(rb"exec\s+\"?(/\S+?/bin/nvcc)\b", head)
+            if m:
+                nvcc = os.path.realpath(m.group(1).decode())
+    except OSError:
+        pass
+    return os.path.dirname(os.path.dirname(nvcc))
+
+
+def _cuda_extension():
+    """([ext_modules], {cmdclass}) for reasoncache._C, or ([], {}) with the reason printed."""
+    if os.environ.get("REASONCACHE_SKIP_CUDA_BUILD", "0") == "1":
+        print("reasoncache: REASONCACHE_SKIP_CUDA_BUILD=1, not building reasoncache._C", file=sys.stderr)
+        return [], {}
+    home = _cuda_home()
+    try:
+        import torch
+    except ImportError:
+        print("reasoncache: torch is not installed at build time; not building reasoncache._C", file=sys.stderr)
+        return [], {}
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")) or torch.version.cuda is None:
+        why = "nvcc was not found" if torch.version.cuda else f"torch {torch.__version__} is not a CUDA build"
+        print(f"reasoncache: {why}; not building reasoncache._C (Triton and PyTorch backends only)", file=sys.stderr)
+        return [], {}
+    os.environ["CUDA_HOME"] = home  # read by cpp_extension at import
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # no GPU to detect on a build machine
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    # CUDA 13 wheels of torch ship some toolkit headers (cusparse.h, ...) under nvidia/cu13.
+    include = []
+    for base in sys.path:
+        include += sorted(glob.glob(os.path.join(base, "nvidia", "cu1[0-9]", "include")))
+    ext = CUDAExtension(
+        name="reasoncache._C",
+        sources=["csrc/bindings.cpp", "csrc/fwd.cu", "csrc/bwd.cu"],
+        include_dirs=[os.path.join(ROOT, "csrc")] + include[:1],
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
 
 setup(
     name="reasoncache",
@@ -15,6 +89,8 @@ setup(
     python_requires=">=3.10",
     packages=["reasoncache", "reasoncache.kernels"],
     package_dir={"reasoncache": "reasoncache", "reasoncache.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -93,8 +93,57 @@ def _triton_bwd(*args):
 
 
 # ---------------------------------------------------------------- cuda
+CUDA_BUILD_HINT = (
+    "build it with nvcc and a CUDA build of torch on the PATH: pip install --no-build-isolation -e . "
+    "(without REASONCACHE_SKIP_CUDA_BUILD=1; MAX_JOBS=2 keeps memory low)"
+)
+_CUDA_HEAD_DIMS = (64, 128)
+DECODE_MAX_NQ = 16  # up to this many queries per sequence, the CUDA backend runs its decode kernels
+
+
+@functools.cache
+def cuda_extension():
+    """The compiled ``reasoncache._C`` module, imported on first use. Raises ImportError
+    saying how to build it when it is missing."""
+    try:
+        from . import _C
+    except ImportError as e:
+        raise ImportError(f"reasoncache._C (the CUDA C++ kernels) is not built: {e}; {CUDA_BUILD_HINT}") from e
+    return _C
+
+
 def _cuda_reasons(q: Tensor) -> list[str]:
-    return ["the CUDA C++ backend (reasoncache._C) is not part of this version yet"]
+    reasons = []
+    try:
+        cuda_extension()
+    except ImportError as e:
+        reasons.append(str(e))
+    if q.device.type != "cuda":
+        reasons.append(f"tensors are on {q.device}; the CUDA kernels need a CUDA device")
+    elif torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons.append(f"{torch.cuda.get_device_name(q.device)} is below compute capability 8.0")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {q.dtype} is not fp16 or bf16 (the CUDA kernels run on tensor cores)")
+    if q.shape[-1] not in _CUDA_HEAD_DIMS:
+        reasons.append(f"head dim {q.shape[-1]} has no CUDA kernel (only {_CUDA_HEAD_DIMS})")
+    return reasons
+
+
+def _contig(*ts):
+    return [t.contiguous() if t is not None else None for t in ts]
+
+
+def _cuda_fwd(q, k, v, pk, pv, kpm, causal, scale, window):
+    C = cuda_extension()
+    q, k, v, pk, pv, kpm = _contig(q, k, v, pk, pv, kpm)
+    fn = C.decode if q.shape[2] <= DECODE_MAX_NQ else C.fwd
+    return tuple(fn(q, k, v, pk, pv, kpm, causal, scale, window))
+
+
+def _cuda_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale, window):
+    C = cuda_extension()
+    args = _contig(dout, dlse, q, k, v, pk, pv, kpm, out, lse)
+    return tuple(C.bwd(*args, causal, scale, window))
 
 
 class _Backend:
@@ -107,7 +156,8 @@ class _Backend:
 
 
 _BACKENDS = {
-    "cuda": _Backend("cuda", _cuda_reasons, None, None, ()),
+    # "auto" never picks CUDA yet: its kernels have not run on a GPU (README, GPU status).
+    "cuda": _Backend("cuda", _cuda_reasons, _cuda_fwd, _cuda_bwd, ()),
     "triton": _Backend("triton", _triton_reasons, _triton_fwd, _triton_bwd, ("cuda",)),
     "torch": _Backend("torch", _torch_reasons, _torch_fwd, _torch_bwd, ("cpu", "cuda", "mps", "xpu", "meta")),
 }

@@ -19,24 +19,45 @@ GPU_CASES = [
     Case(B=4, Hq=32, Hkv=8, Nq=1, Nk=513, P=2048, D=128),  # decode
     Case(B=2, Hq=4, Hkv=2, Nq=37, Nk=37, P=0, D=256),
     Case(B=2, Hq=4, Hkv=1, Nq=129, Nk=129, P=17, D=72),
+    Case(B=5, Hq=8, Hkv=2, Nq=16, Nk=700, P=100, D=128, pad="left"),  # multi-token decode, split own cache
+    Case(B=2, Hq=8, Hkv=2, Nq=300, Nk=300, P=64, D=64, window=77),
 ]
+BACKENDS = ["triton", "cuda"]
 
 
+def _skip_unsupported(backend, case):
+    if backend == "cuda":
+        from reasoncache import backends
+
+        reasons = backends._cuda_reasons(torch.empty(1, 1, 1, case.D, dtype=torch.float16, device="cuda"))
+        if reasons:
+            pytest.skip("; ".join(reasons))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_kernel_error_at_most_twice_naive_low_precision(case, dtype):
+def test_kernel_error_at_most_twice_naive_low_precision(case, dtype, backend):
+    _skip_unsupported(backend, case)
     tensors, mask = make_inputs(case, dtype=dtype, device="cuda")
     dout = torch.randn(case.B, case.Hq, case.Nq, case.D, dtype=dtype, device="cuda")
     dlse = torch.zeros(case.B, case.Hq, case.Nq, device="cuda")
-    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, case.causal)
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, case.causal, window=case.window)
 
     # The same math done naively in the low precision: the yardstick (flash-attention's rule).
     low = [t.detach().clone().requires_grad_() for t in tensors]
-    low_out, _ = reasoncache.prefix_attention_ref(*low, key_padding_mask=mask, causal=case.causal, compute_dtype=dtype)
+    low_out, _ = reasoncache.prefix_attention_ref(
+        *low, key_padding_mask=mask, causal=case.causal, sliding_window=case.window, compute_dtype=dtype
+    )
     low_grads = torch.autograd.grad(low_out, low, dout)
 
     out, lse = reasoncache.prefix_attention(
-        *tensors, causal=case.causal, key_padding_mask=mask, return_lse=True, backend="triton"
+        *tensors,
+        causal=case.causal,
+        key_padding_mask=mask,
+        sliding_window=case.window,
+        return_lse=True,
+        backend=backend,
     )
     grads = torch.autograd.grad(out, tensors, dout)
     assert max_err(out, ref_out) <= 2 * max_err(low_out, ref_out) + 1e-5
@@ -54,12 +75,14 @@ def test_fp32_is_not_tf32():
     assert max_err(out, ref) < 1e-4
 
 
-def test_backward_bitwise_deterministic_on_gpu():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_bitwise_deterministic_on_gpu(backend):
     case = Case(B=8, Hq=16, Hkv=4, Nq=512, Nk=512, P=256, D=128)
+    _skip_unsupported(backend, case)
     tensors, _ = make_inputs(case, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(case.B, case.Hq, case.Nq, case.D, dtype=torch.bfloat16, device="cuda")
     runs = [
-        torch.autograd.grad(reasoncache.prefix_attention(*tensors, backend="triton"), tensors, dout) for _ in range(3)
+        torch.autograd.grad(reasoncache.prefix_attention(*tensors, backend=backend), tensors, dout) for _ in range(3)
     ]
     for r in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], r))

@@ -1,0 +1,286 @@
+// Backward: dq, then dk/dv of the own keys, then the batch-summed prefix gradient.
+//
+// Flash-attention-2 style recomputation from the forward's lse, without atomics: every
+// output element is written by exactly one block in a fixed order, so the backward is
+// bitwise deterministic. The prefix gradient is summed over the batch inside the kernel:
+// block (key tile, KV head, split s) walks sequences s, s + splits, ... and writes one fp32
+// partial [splits, Hkv, P, D]; the bindings add the partials in a fixed order.
+#include "common.cuh"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/util/Exception.h>
+
+namespace reasoncache {
+using namespace nvcuda;
+
+using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// acc (16 x 16 fp32) += A (16 x 16*KT, row-major in smem, ld lda) x B (16*KT x 16, ld ldb).
+template <typename T, int KT, typename BLayout>
+__device__ __forceinline__ void mma_rows(AccFrag& acc, const T* a, int lda, const T* b, int ldb, int b_step) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+    wmma::load_matrix_sync(fa, a + kk * 16, lda);
+    wmma::load_matrix_sync(fb, b + kk * b_step, ldb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+template <typename T, int D>
+struct BwdSmem {
+  // 4 [64, D] tiles in T, two [64, 64] fp32 score tiles, two [64, 64] T tiles, lse and delta
+  static constexpr size_t kBytes =
+      sizeof(T) * (4 * 64 * D + 2 * 64 * 64) + sizeof(float) * (2 * 64 * 64 + 2 * 64);
+  static_assert(2 * 64 * 64 >= 64 * D, "the fp32 score tiles double as the output staging tile");
+};
+
+// Rows of [64, D] at the row-major address base + r * D, for r < rows; zero beyond.
+template <typename T, int D>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int rows) {
+  load_tile<T, D, 64>(dst, src, rows, D);
+}
+
+// ---------------------------------------------------------------- dq
+// grid (B * Hq, q tiles). Warp w owns query rows 16w..16w+15 and accumulates their dq.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + 64 * D;
+  T* sK = sdO + 64 * D;
+  T* sV = sK + 64 * D;
+  T* sdS = sV + 64 * D;                                      // [64, 64]
+  float* sS = reinterpret_cast<float*>(sdS + 2 * 64 * 64);    // [64, 64]
+  float* sdP = sS + 64 * 64;                                  // [64, 64]
+  float* sLse = sdP + 64 * 64;                                // [64] lse * log2(e); +inf: row sees nothing
+  float* sDelta = sLse + 64;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int G = p.Hq / p.Hkv;
+  const int b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hkv = h / G;
+  const int m0 = blockIdx.y * 64, nrows = min(64, p.Nq - m0);
+  const int64_t qrow = (int64_t(b) * p.Hq + h) * p.Nq + m0;
+  load_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
+  load_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
+  for (int r = threadIdx.x; r < 64; r += kThreads) {
+    const float l = r < nrows ? p.lse[qrow + r] : -INFINITY;
+    sLse[r] = l == -INFINITY ? INFINITY : l * kLog2e;
+    sDelta[r] = r < nrows ? p.delta[qrow + r] : 0.f;
+  }
+  AccFrag acc[D / 16];
+#pragma unroll
+  for (int db = 0; db < D / 16; ++db) wmma::fill_fragment(acc[db], 0.f);
+  const int lr = lane >> 1, half_ = lane & 1, wr = warp * 16 + lr, ri = m0 + wr;
+
+  auto tile = [&](const T* ksrc, const T* vsrc, int n, bool own, int n0, const uint8_t* kpm_row) {
+    __syncthreads();
+    load_rows<T, D>(sK, ksrc, n);
+    load_rows<T, D>(sV, vsrc, n);
+    __syncthreads();
+    for (int nb = 0; nb < 4; ++nb) {
+      AccFrag s, dp;
+      wmma::fill_fragment(s, 0.f);
+      wmma::fill_fragment(dp, 0.f);
+      mma_rows<T, D / 16, wmma::col_major>(s, sQ + warp * 16 * D, D, sK + nb * 16 * D, D, 16);
+      mma_rows<T, D / 16, wmma::col_major>(dp, sdO + warp * 16 * D, D, sV + nb * 16 * D, D, 16);
+      wmma::store_matrix_sync(sS + warp * 16 * 64 + nb * 16, s, 64, wmma::mem_row_major);
+      wmma::store_matrix_sync(sdP + warp * 16 * 64 + nb * 16, dp, 64, wmma::mem_row_major);
+    }
+    __syncwarp();
+    for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {
+      const bool ok = wr < nrows && c < n && (!own || own_visible(ri, n0 + c, p.Nq, p.Nk, p.causal, p.window, kpm_row));
+      const float pr = ok ? exp2f(sS[wr * 64 + c] * p.scale_log2 - sLse[wr]) : 0.f;
+      sdS[wr * 64 + c] = from_float<T>(pr * (sdP[wr * 64 + c] - sDelta[wr]));
+    }
+    __syncwarp();
+#pragma unroll
+    for (int db = 0; db < D / 16; ++db)
+      mma_rows<T, 4, wmma::row_major>(acc[db], sdS + warp * 16 * 64, 64, sK + db * 16, D, 16 * D);
+  };
+
+  if (p.P > 0) {
+    const T* pk = static_cast<const T*>(p.pk) + int64_t(hkv) * p.P * D;
+    const T* pv = static_cast<const T*>(p.pv) + int64_t(hkv) * p.P * D;
+    for (int n0 = 0; n0 < p.P; n0 += 64) tile(pk + n0 * D, pv + n0 * D, min(64, p.P - n0), false, 0, nullptr);
+  }
+  {
+    const int64_t base = (int64_t(b) * p.Hkv + hkv) * p.Nk * D;
+    const uint8_t* kpm_row = p.kpm ? p.kpm + int64_t(b) * p.Nk : nullptr;
+    int lo = 0, hi = p.Nk;
+    if (p.causal) {
+      hi = min(hi, m0 + nrows - 1 + p.Nk - p.Nq + 1);
+      if (p.window > 0) lo = max(lo, m0 + p.Nk - p.Nq - p.window + 1);
+    }
+    for (int n0 = lo; n0 < hi; n0 += 64)
+      tile(static_cast<const T*>(p.k) + base + int64_t(n0) * D, static_cast<const T*>(p.v) + base + int64_t(n0) * D,
+           min(64, hi - n0), true, n0, kpm_row);
+  }
+
+  __syncthreads();  // the score tiles become the fp32 staging tile for dq
+  float* stage = sS;
+#pragma unroll
+  for (int db = 0; db < D / 16; ++db) {
+    for (int t = 0; t < acc[db].num_elements; ++t) acc[db].x[t] *= p.scale;
+    wmma::store_matrix_sync(stage + warp * 16 * D + db * 16, acc[db], D, wmma::mem_row_major);
+  }
+  __syncwarp();
+  if (wr < nrows) {
+    T* dq = static_cast<T*>(p.dq) + (qrow + wr) * D;
+    for (int c = half_ * (D / 2); c < (half_ + 1) * (D / 2); ++c) dq[c] = from_float<T>(stage[wr * D + c]);
+  }
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------- dk, dv (own keys and prefix)
+// Own keys: grid (B * Hkv, key tiles), one sequence per block, writes dk / dv.
+// Prefix:   grid (splits * Hkv, prefix tiles), sequences split, split + splits, ...,
+//           writes fp32 partials. Warp w owns keys 16w..16w+15 of the 64-key tile.
+template <typename T, int D, bool kPrefix>
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + 64 * D;
+  T* sQ = sV + 64 * D;
+  T* sdO = sQ + 64 * D;
+  T* sPt = sdO + 64 * D;                                     // [64 keys, 64 rows]
+  T* sdSt = sPt + 64 * 64;
+  float* sSt = reinterpret_cast<float*>(sdSt + 64 * 64);     // [64 keys, 64 rows]
+  float* sdPt = sSt + 64 * 64;
+  float* sLse = sdPt + 64 * 64;
+  float* sDelta = sLse + 64;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int G = p.Hq / p.Hkv;
+  const int outer = blockIdx.x / p.Hkv, hkv = blockIdx.x % p.Hkv;  // outer: batch (own) or split (prefix)
+  const int n0 = blockIdx.y * 64;
+  const int nkeys = kPrefix ? p.P : p.Nk;
+  const int n = min(64, nkeys - n0);
+  const int64_t kbase = kPrefix ? (int64_t(hkv) * p.P + n0) * D : ((int64_t(outer) * p.Hkv + hkv) * p.Nk + n0) * D;
+  load_rows<T, D>(sK, static_cast<const T*>(kPrefix ? p.pk : p.k) + kbase, n);
+  load_rows<T, D>(sV, static_cast<const T*>(kPrefix ? p.pv : p.v) + kbase, n);
+
+  AccFrag dk[D / 16], dv[D / 16];
+#pragma unroll
+  for (int db = 0; db < D / 16; ++db) {
+    wmma::fill_fragment(dk[db], 0.f);
+    wmma::fill_fragment(dv[db], 0.f);
+  }
+  const int lr = lane >> 1, half_ = lane & 1, wk = warp * 16 + lr, j = n0 + wk;  // this lane's key
+
+  // Query tiles that can see this key tile (own keys under the causal / window rule).
+  int m_lo = 0, m_hi = p.Nq;
+  if (!kPrefix && p.causal) {
+    m_lo = max(0, n0 - (p.Nk - p.Nq));
+    if (p.window > 0) m_hi = min(m_hi, n0 + n - 1 - (p.Nk - p.Nq) + p.window);
+  }
+  m_lo = (m_lo / 64) * 64;
+
+  const int b_first = kPrefix ? outer : outer, b_step = kPrefix ? p.splits : p.B;
+  for (int b = b_first; b < p.B; b += b_step) {
+    const uint8_t* kpm_row = (!kPrefix && p.kpm) ? p.kpm + int64_t(b) * p.Nk : nullptr;
+    for (int g = 0; g < G; ++g) {
+      const int h = hkv * G + g;
+      for (int m0 = m_lo; m0 < m_hi; m0 += 64) {
+        const int nrows = min(64, p.Nq - m0);
+        const int64_t qrow = (int64_t(b) * p.Hq + h) * p.Nq + m0;
+        __syncthreads();
+        load_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
+        load_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
+        for (int r = threadIdx.x; r < 64; r += kThreads) {
+          const float l = r < nrows ? p.lse[qrow + r] : -INFINITY;
+          sLse[r] = l == -INFINITY ? INFINITY : l * kLog2e;
+          sDelta[r] = r < nrows ? p.delta[qrow + r] : 0.f;
+        }
+        __syncthreads();
+        for (int nb = 0; nb < 4; ++nb) {  // S^T = K Q^T and dP^T = V dO^T for this warp's keys
+          AccFrag s, dp;
+          wmma::fill_fragment(s, 0.f);
+          wmma::fill_fragment(dp, 0.f);
+          mma_rows<T, D / 16, wmma::col_major>(s, sK + warp * 16 * D, D, sQ + nb * 16 * D, D, 16);
+          mma_rows<T, D / 16, wmma::col_major>(dp, sV + warp * 16 * D, D, sdO + nb * 16 * D, D, 16);
+          wmma::store_matrix_sync(sSt + warp * 16 * 64 + nb * 16, s, 64, wmma::mem_row_major);
+          wmma::store_matrix_sync(sdPt + warp * 16 * 64 + nb * 16, dp, 64, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {  // c: query row m0 + c
+          const bool ok =
+              wk < n && c < nrows && (kPrefix || own_visible(m0 + c, j, p.Nq, p.Nk, p.causal, p.window, kpm_row));
+          const float pr = ok ? exp2f(sSt[wk * 64 + c] * p.scale_log2 - sLse[c]) : 0.f;
+          sPt[wk * 64 + c] = from_float<T>(pr);
+          sdSt[wk * 64 + c] = from_float<T>(pr * (sdPt[wk * 64 + c] - sDelta[c]));
+        }
+        __syncwarp();
+#pragma unroll
+        for (int db = 0; db < D / 16; ++db) {
+          mma_rows<T, 4, wmma::row_major>(dv[db], sPt + warp * 16 * 64, 64, sdO + db * 16, D, 16 * D);
+          mma_rows<T, 4, wmma::row_major>(dk[db], sdSt + warp * 16 * 64, 64, sQ + db * 16, D, 16 * D);
+        }
+      }
+    }
+  }
+
+  __syncthreads();  // the score tiles become the fp32 staging tile
+  float* stage = sSt;
+  for (int which = 0; which < 2; ++which) {
+    AccFrag* acc = which == 0 ? dk : dv;
+#pragma unroll
+    for (int db = 0; db < D / 16; ++db) {
+      if (which == 0)
+        for (int t = 0; t < acc[db].num_elements; ++t) acc[db].x[t] *= p.scale;
+      wmma::store_matrix_sync(stage + warp * 16 * D + db * 16, acc[db], D, wmma::mem_row_major);
+    }
+    __syncwarp();
+    if (wk < n) {
+      for (int c = half_ * (D / 2); c < (half_ + 1) * (D / 2); ++c) {
+        const float x = stage[wk * D + c];
+        if (kPrefix) {
+          float* dst = which == 0 ? p.dpk_part : p.dpv_part;
+          dst[((int64_t(outer) * p.Hkv + hkv) * p.P + j) * D + c] = x;
+        } else {
+          T* dst = static_cast<T*>(which == 0 ? p.dk : p.dv);
+          dst[((int64_t(outer) * p.Hkv + hkv) * p.Nk + j) * D + c] = from_float<T>(x);
+        }
+      }
+    }
+    __syncwarp();
+  }
+#else
+  __trap();
+#endif
+}
+
+template <typename K>
+static void launch_kernel(K kernel, size_t smem, dim3 grid, const BwdParams& p, cudaStream_t stream) {
+  if (grid.x == 0 || grid.y == 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
+static void launch_all(const BwdParams& p, cudaStream_t stream) {
+  constexpr size_t smem = BwdSmem<T, D>::kBytes;
+  const auto tiles = [](int n) { return unsigned((n + 63) / 64); };
+  launch_kernel(dq_kernel<T, D>, smem, dim3(p.B * p.Hq, tiles(p.Nq)), p, stream);
+  launch_kernel(dkdv_kernel<T, D, false>, smem, dim3(p.B * p.Hkv, tiles(p.Nk)), p, stream);
+  launch_kernel(dkdv_kernel<T, D, true>, smem, dim3(p.splits * p.Hkv, tiles(p.P)), p, stream);
+}
+
+void launch_bwd(const BwdParams& p, int dtype, int D) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  TORCH_CHECK((p.Nq + 63) / 64 <= 65535 && (p.Nk + 63) / 64 <= 65535 && (p.P + 63) / 64 <= 65535,
+              "reasoncache: sequence too long for the backward grid");
+  if (dtype == 0 && D == 64) launch_all<half, 64>(p, stream);
+  else if (dtype == 0 && D == 128) launch_all<half, 128>(p, stream);
+  else if (dtype == 1 && D == 64) launch_all<__nv_bfloat16, 64>(p, stream);
+  else if (dtype == 1 && D == 128) launch_all<__nv_bfloat16, 128>(p, stream);
+  else TORCH_CHECK(false, "reasoncache: no backward kernel for dtype code ", dtype, " and head dim ", D);
+}
+
+}  // namespace reasoncache

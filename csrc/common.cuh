@@ -1,0 +1,62 @@
+// Shared pieces of the prefix-attention CUDA kernels: parameter structs, element
+// conversions, tile loads and the masking rule.
+//
+// Layout conventions (the bindings make every tensor contiguous):
+//   q, out, dout, dq  [B, Hq, Nq, D]      k, v, dk, dv  [B, Hkv, Nk, D]
+//   prefix_k/v        [Hkv, P, D]         lse, delta    [B, Hq, Nq] fp32
+// Scores live in the log2 domain: s2 = (q . k) * scale * log2(e), so exp2 replaces exp.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "params.h"
+
+namespace reasoncache {
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kWarps = 4;             // warps per block; each owns 16 rows of a 64-row tile
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockM = 16 * kWarps;  // query rows per tile
+constexpr int kBlockN = 64;           // keys per tile
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float<half>(half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ half from_float<half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+
+// Copy `rows` rows of D elements (row stride `ld` elements in global memory) into a
+// dense [kRows, D] shared tile; rows >= `rows` are zero. 16-byte vectors: D is a
+// multiple of 64 and the bindings require 16-byte aligned, contiguous tensors.
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restrict__ src, int rows, int64_t ld) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerRow = D / kVec;
+  for (int idx = threadIdx.x; idx < kRows * kPerRow; idx += blockDim.x) {
+    const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (r < rows) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
+    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
+  }
+}
+
+// The op's visibility rule for own keys (reference.causal_visibility): query i sees key j
+// iff j <= i + nk - nq and, with a window W > 0, j > i + nk - nq - W; padded keys never.
+__device__ __forceinline__ bool own_visible(int i, int j, int nq, int nk, bool causal, int window,
+                                            const uint8_t* __restrict__ kpm_row) {
+  if (kpm_row != nullptr && !kpm_row[j]) return false;
+  if (!causal) return true;
+  const int diag = i + nk - nq;
+  return j <= diag && (window <= 0 || j > diag - window);
+}
+
+}  // namespace reasoncache

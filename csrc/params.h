@@ -1,0 +1,56 @@
+// Kernel parameter blocks, shared by the host bindings (C++) and the kernels (CUDA).
+#pragma once
+
+#include <cstdint>
+
+namespace reasoncache {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Where a block's query rows come from. Row r of problem z maps to
+//   bb = r / (group * nq), g = (r / nq) % group, i = r % nq,
+//   batch b = b_base + bb, query head h = h_base + g, query position i.
+// Plain forward: one problem per (b, hq), group = 1. Decode's prefix pass: one problem
+// per KV head holding every sequence's queries of that head (Hydragen's inter-sequence
+// batching), so the prefix is read once per batch. Decode's own-cache pass: one problem
+// per (split, b, KV head).
+struct RowMap {
+  int group, nq;
+#ifdef __CUDACC__
+  __device__ __forceinline__ void locate(int r, int b_base, int h_base, int& b, int& h, int& i) const {
+    b = b_base + r / (group * nq);
+    h = h_base + (r / nq) % group;
+    i = r % nq;
+  }
+#endif
+};
+
+struct FwdParams {
+  const void *q, *k, *v, *pk, *pv;
+  const uint8_t* kpm;  // [B, Nk] or nullptr
+  void* out;           // [S, B, Hq, Nq, D] where S = number of key splits (1 unless decoding)
+  float* lse;          // [S, B, Hq, Nq]
+  int B, Hq, Hkv, Nq, Nk, P;
+  int rows;            // rows per problem
+  int problems_per_split;
+  RowMap map;
+  int problem_kind;    // 0: per (b, hq); 1: per hkv (all batches); 2: per (b, hkv)
+  bool use_prefix, use_own, causal;
+  int window;
+  int own_chunk;       // own keys per split (decode); Nk otherwise
+  float scale_log2;    // softmax scale * log2(e)
+};
+
+struct BwdParams {
+  const void *q, *k, *v, *pk, *pv, *dout;
+  const uint8_t* kpm;
+  const float *lse, *delta;  // lse natural log; delta = rowsum(dout * out) - dlse
+  void *dq, *dk, *dv;
+  float *dpk_part, *dpv_part;  // [splits, Hkv, P, D]
+  int B, Hq, Hkv, Nq, Nk, P, splits;
+  bool causal;
+  int window;
+  float scale, scale_log2;
+};
+
+}  // namespace reasoncache
