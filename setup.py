@@ -9,6 +9,7 @@ ninja, pybind11) whenever nvcc and a CUDA build of torch are present. Environmen
   TORCH_CUDA_ARCH_LIST           GPU architectures (default "8.0;9.0": A100, H100)
   MAX_JOBS                       parallel compile jobs (ninja)
   CUDA_HOME                      the CUDA toolkit (default: found from nvcc on the PATH)
+  REASONCACHE_PTXAS_VERBOSE=1    print each kernel's registers, spills and shared memory
 """
 
 import glob
@@ -66,13 +67,16 @@ def _cuda_extension():
     include = []
     for base in sys.path:
         include += sorted(glob.glob(os.path.join(base, "nvidia", "cu1[0-9]", "include")))
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    if os.environ.get("REASONCACHE_PTXAS_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")
     ext = CUDAExtension(
         name="reasoncache._C",
         sources=["csrc/bindings.cpp", "csrc/fwd.cu", "csrc/bwd.cu"],
         include_dirs=[os.path.join(ROOT, "csrc")] + include[:1],
         extra_compile_args={
             "cxx": ["-O3"],
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": nvcc,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,7 +1,8 @@
 """Decode benchmark: one new token per sequence against a shared prefix plus its own cache.
 
 Methods (attention of one layer per decode step, same inputs, checked first):
-  reasoncache-<backend>  the fused op: every sequence reads the one shared prefix
+  reasoncache-<backend>  the fused op: every sequence reads the one shared prefix (the
+                         CUDA backend batches all sequences' queries against it, Hydragen)
   sdpa-copied-prefix     the prefix copied into every sequence's KV cache (what
                          PEFT prefix tuning and in-context prompts do), then SDPA;
                          the copy is made once, outside the timed step, as a real
@@ -172,11 +173,13 @@ ICL_COLUMNS = [
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = bench_parser("python -m bench decode", __doc__)
     args = parse_bench_args(ap, argv)
-    backends = ["triton", "torch"] if args.device == "cuda" else ["torch"]
+    backends = ["cuda", "triton", "torch"] if args.device == "cuda" else ["torch"]
     shapes = (QUICK_CUDA if args.device == "cuda" else QUICK_CPU) if args.quick else FULL
     env = environment(args.device)
     rows = [r for s in shapes for r in run_shape(s, args.device, backends)]
-    icl = icl_vs_reasoncache(args.device, backends[0], args.quick)
+    probe = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device=args.device)
+    primary = next(b for b in backends if not reasoncache.backends._BACKENDS[b].not_supported_reasons(probe))
+    icl = icl_vs_reasoncache(args.device, primary, args.quick)
     print(f"# decode attention (one layer, one new token per sequence) on {env['device']}\n")
     print(markdown_table([r for r in rows if "skipped" not in r], COLUMNS))
     print("\n# ReasonCACHE (short shared prefix) vs in-context learning (long prompt per sequence)\n")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fused = [
             {**r, "series": f"P={r['P']}, own={r['N']}"}
             for r in rows
-            if r["method"].startswith("reasoncache-") and r["method"] == f"reasoncache-{backends[0]}"
+            if r["method"].startswith("reasoncache-") and r["method"] == f"reasoncache-{primary}"
         ]
         plot_lines(
             fused,

@@ -2,6 +2,7 @@
 people compute it today, same inputs, each checked against the reference first.
 
 Methods:
+  reasoncache-cuda     the fused op, CUDA C++ kernels (reasoncache._C; fp16/bf16, D 64/128)
   reasoncache-triton   the fused op, Triton kernels (CUDA only)
   reasoncache-torch    the fused op, PyTorch reference backend
   sdpa-concat-lower-right  prefix copied in front of every sequence, SDPA with
@@ -138,6 +139,9 @@ def _hydragen_flex(q, k, v, pk, pv, causal):
 
 
 METHODS = {
+    "reasoncache-cuda": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(
+        q, k, v, pk, pv, causal=c, backend="cuda"
+    ),
     "reasoncache-triton": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(
         q, k, v, pk, pv, causal=c, backend="triton"
     ),

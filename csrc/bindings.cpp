@@ -136,13 +136,17 @@ std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const
   p.use_prefix = d.P > 0;
   p.use_own = d.Nk > 0;
   p.own_chunk = int(d.Nk);
+  p.prefix_chunk = int(d.P);
   rc::launch_attend(p, dtype_code(q), false, int(d.D), int(d.B * d.Hq), 1);
   return {out, lse};
 }
 
-// Decode (Nq <= 16): the prefix pass batches every sequence's queries of a KV head into one
-// tile problem, so the prefix is read once per batch; the own cache is split across
-// `num_splits` blocks per (sequence, KV head); the parts merge by their log-sum-exp.
+// Decode (Nq <= 16). Prefix pass: every sequence's queries of a KV head form one tile
+// problem (Hydragen's inter-sequence batching), so each prefix tile is read once per
+// 64 query rows of the whole batch, not once per sequence; the prefix is split across
+// blocks when there are too few row tiles to fill the GPU. Own-cache pass: one problem
+// per (sequence, KV head), its cache split across `num_splits` blocks. All parts merge
+// by their log-sum-exp.
 std::vector<Tensor> decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
                            const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask, bool causal,
                            double softmax_scale, int64_t sliding_window, int64_t num_splits) {
@@ -152,40 +156,46 @@ std::vector<Tensor> decode(const Tensor& q, const Tensor& k, const Tensor& v, co
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, sliding_window);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t G = d.Hq / d.Hkv;
-  if (num_splits == 0) {  // enough blocks to fill the GPU, each with >= 256 keys
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t want = (2 * sms + d.B * d.Hkv - 1) / (d.B * d.Hkv);
-    num_splits = std::max<int64_t>(1, std::min<int64_t>(want, (d.Nk + 255) / 256));
-  }
-  const int64_t chunk = std::max<int64_t>(64, ((d.Nk + num_splits - 1) / num_splits + 63) / 64 * 64);
-  num_splits = std::max<int64_t>(1, (d.Nk + chunk - 1) / chunk);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Split a key range of n keys over enough blocks to reach ~2 blocks per SM, >= 256 keys each.
+  auto chunk_for = [&](int64_t n, int64_t blocks, int64_t splits) {
+    if (splits == 0) splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + blocks - 1) / blocks, (n + 255) / 256));
+    return std::max<int64_t>(64, ((n + splits - 1) / splits + 63) / 64 * 64);
+  };
+  const int64_t pre_rows = d.B * G * d.Nq, pre_tiles = (pre_rows + 63) / 64;
+  const int64_t pre_chunk = d.P > 0 ? chunk_for(d.P, d.Hkv * pre_tiles, 0) : 1;
+  const int64_t pre_splits = d.P > 0 ? (d.P + pre_chunk - 1) / pre_chunk : 0;
+  const int64_t own_chunk = d.Nk > 0 ? chunk_for(d.Nk, d.B * d.Hkv * ((G * d.Nq + 63) / 64), num_splits) : 1;
+  const int64_t own_splits = d.Nk > 0 ? (d.Nk + own_chunk - 1) / own_chunk : 0;
   auto f32 = q.options().dtype(at::kFloat);
-  auto parts = at::zeros({1 + num_splits, d.B, d.Hq, d.Nq, d.D}, f32);
-  auto lses = at::full({1 + num_splits, d.B, d.Hq, d.Nq}, -INFINITY, f32);
+  const int64_t parts_n = std::max<int64_t>(1, pre_splits + own_splits);
+  auto parts = at::zeros({parts_n, d.B, d.Hq, d.Nq, d.D}, f32);
+  auto lses = at::full({parts_n, d.B, d.Hq, d.Nq}, -INFINITY, f32);
   auto p = base_params(q, k, v, prefix_k, prefix_v, key_padding_mask, d, causal, softmax_scale, sliding_window);
   p.map = {int(G), int(d.Nq)};
-  if (d.P > 0 && d.B > 0) {
+  if (pre_splits > 0 && d.B > 0) {
     auto pp = p;
     pp.out = parts.data_ptr();
     pp.lse = lses.data_ptr<float>();
-    pp.rows = int(d.B * G * d.Nq);
+    pp.rows = int(pre_rows);
     pp.problem_kind = 1;
     pp.problems_per_split = int(d.Hkv);
     pp.use_prefix = true;
     pp.use_own = false;
-    rc::launch_attend(pp, dtype_code(q), true, int(d.D), int(d.Hkv), 1);
+    pp.prefix_chunk = int(pre_chunk);
+    rc::launch_attend(pp, dtype_code(q), true, int(d.D), int(d.Hkv), int(pre_splits));
   }
-  if (d.Nk > 0 && d.B > 0) {
+  if (own_splits > 0 && d.B > 0) {
     auto po = p;
-    po.out = parts[1].data_ptr();
-    po.lse = lses[1].data_ptr<float>();
+    po.out = parts[pre_splits].data_ptr();
+    po.lse = lses[pre_splits].data_ptr<float>();
     po.rows = int(G * d.Nq);
     po.problem_kind = 2;
     po.problems_per_split = int(d.B * d.Hkv);
     po.use_prefix = false;
     po.use_own = true;
-    po.own_chunk = int(chunk);
-    rc::launch_attend(po, dtype_code(q), true, int(d.D), int(d.B * d.Hkv), int(num_splits));
+    po.own_chunk = int(own_chunk);
+    rc::launch_attend(po, dtype_code(q), true, int(d.D), int(d.B * d.Hkv), int(own_splits));
   }
   auto lse = at::logsumexp(lses, 0);
   auto w = at::exp(lses - lse.masked_fill(at::isinf(lse), 0).unsqueeze(0));  // 0 for empty parts

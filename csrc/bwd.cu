@@ -227,29 +227,28 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
 
   __syncthreads();  // the score tiles become the fp32 staging tile
   float* stage = sSt;
-  for (int which = 0; which < 2; ++which) {
-    AccFrag* acc = which == 0 ? dk : dv;
+  // Unrolled over both accumulators by name: a runtime pointer to either array would push
+  // them to local memory.
+  auto write = [&](AccFrag(&acc)[D / 16], float mul, float* part, void* grad) {
 #pragma unroll
     for (int db = 0; db < D / 16; ++db) {
-      if (which == 0)
-        for (int t = 0; t < acc[db].num_elements; ++t) acc[db].x[t] *= p.scale;
+      for (int t = 0; t < acc[db].num_elements; ++t) acc[db].x[t] *= mul;
       wmma::store_matrix_sync(stage + warp * 16 * D + db * 16, acc[db], D, wmma::mem_row_major);
     }
     __syncwarp();
     if (wk < n) {
       for (int c = half_ * (D / 2); c < (half_ + 1) * (D / 2); ++c) {
         const float x = stage[wk * D + c];
-        if (kPrefix) {
-          float* dst = which == 0 ? p.dpk_part : p.dpv_part;
-          dst[((int64_t(outer) * p.Hkv + hkv) * p.P + j) * D + c] = x;
-        } else {
-          T* dst = static_cast<T*>(which == 0 ? p.dk : p.dv);
-          dst[((int64_t(outer) * p.Hkv + hkv) * p.Nk + j) * D + c] = from_float<T>(x);
-        }
+        if (kPrefix)
+          part[((int64_t(outer) * p.Hkv + hkv) * p.P + j) * D + c] = x;
+        else
+          static_cast<T*>(grad)[((int64_t(outer) * p.Hkv + hkv) * p.Nk + j) * D + c] = from_float<T>(x);
       }
     }
     __syncwarp();
-  }
+  };
+  write(dk, p.scale, p.dpk_part, p.dk);
+  write(dv, 1.f, p.dpv_part, p.dv);
 #else
   __trap();
 #endif

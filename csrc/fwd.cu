@@ -145,7 +145,8 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
   if (p.use_prefix) {
     const T* pk = static_cast<const T*>(p.pk) + int64_t(hkv) * p.P * D;
     const T* pv = static_cast<const T*>(p.pv) + int64_t(hkv) * p.P * D;
-    for (int n0 = 0; n0 < p.P; n0 += kBlockN) tile(pk + n0 * D, pv + n0 * D, min(kBlockN, p.P - n0), false, 0, nullptr);
+    const int lo = split * p.prefix_chunk, hi = min(p.P, lo + p.prefix_chunk);
+    for (int n0 = lo; n0 < hi; n0 += kBlockN) tile(pk + n0 * D, pv + n0 * D, min(kBlockN, hi - n0), false, 0, nullptr);
   }
   if (p.use_own) {
     // Own keys need one batch index per block: problem kinds 0 and 2.

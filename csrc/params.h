@@ -38,6 +38,7 @@ struct FwdParams {
   bool use_prefix, use_own, causal;
   int window;
   int own_chunk;       // own keys per split (decode); Nk otherwise
+  int prefix_chunk;    // prefix keys per split (decode); P otherwise
   float scale_log2;    // softmax scale * log2(e)
 };
 
