@@ -4,9 +4,14 @@
 // shapes, dtypes, layout (contiguous, 16-byte aligned), supported head dims, and last the
 // device. A bad argument raises ValueError or TypeError naming it; the Python op
 // (reasoncache.prefix_attention) has already made the tensors contiguous.
+#include <torch/extension.h>
+#ifndef RC_EMULATE
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#define RC_DEVICE_GUARD(t) const c10::cuda::CUDAGuard guard_((t).device())
+#else  // CPU emulation for CI: tensors stay on the CPU, a pretend GPU of 4 SMs
+#define RC_DEVICE_GUARD(t) (void)0
+#endif
 
 #include <optional>
 #include <string>
@@ -89,14 +94,18 @@ Dims check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   TORCH_CHECK_VALUE(d.D == 64 || d.D == 128, "head dim ", d.D,
                     " has no CUDA kernel (64 and 128 do); use backend='triton' or 'torch'");
   for (const auto& [t, name] : named) {
+#ifndef RC_EMULATE
     TORCH_CHECK_VALUE(t->is_cuda(), name, " must be a CUDA tensor, got device ", t->device());
+#endif
     TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device());
   }
   if (kpm) TORCH_CHECK_VALUE(kpm->device() == q.device(), "key_padding_mask is on ", kpm->device(),
                               " but q is on ", q.device());
+#ifndef RC_EMULATE
   const auto cap = at::cuda::getDeviceProperties(q.device().index());
   TORCH_CHECK_VALUE(cap->major >= 8, "the CUDA kernels need compute capability 8.0 or newer, ", cap->name, " is ",
                     cap->major, ".", cap->minor);
+#endif
   return d;
 }
 
@@ -122,7 +131,7 @@ std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask, bool causal,
                         double softmax_scale, int64_t sliding_window) {
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, sliding_window);
-  const c10::cuda::CUDAGuard guard(q.device());
+  RC_DEVICE_GUARD(q);
   auto out = at::empty_like(q);
   auto lse = at::empty({d.B, d.Hq, d.Nq}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
@@ -154,9 +163,13 @@ std::vector<Tensor> decode(const Tensor& q, const Tensor& k, const Tensor& v, co
                     "decode takes 1..16 queries per sequence, got Nq=", q.size(2));
   TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: choose), got ", num_splits);
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, sliding_window);
-  const c10::cuda::CUDAGuard guard(q.device());
+  RC_DEVICE_GUARD(q);
   const int64_t G = d.Hq / d.Hkv;
+#ifndef RC_EMULATE
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#else
+  const int64_t sms = 4;
+#endif
   // Split a key range of n keys over enough blocks to reach ~2 blocks per SM, >= 256 keys each.
   auto chunk_for = [&](int64_t n, int64_t blocks, int64_t splits) {
     if (splits == 0) splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + blocks - 1) / blocks, (n + 255) / 256));
@@ -225,7 +238,7 @@ std::vector<Tensor> bwd(const Tensor& dout, const std::optional<Tensor>& dlse, c
   const Dims d = check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, sliding_window);
   TORCH_CHECK_VALUE(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
                     "dout, out and lse must be on q's device ", q.device());
-  const c10::cuda::CUDAGuard guard(q.device());
+  RC_DEVICE_GUARD(q);
   auto delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
   if (dlse) delta = delta - dlse->to(at::kFloat);
   delta = delta.contiguous();

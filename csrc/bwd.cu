@@ -7,8 +7,6 @@
 // partial [splits, Hkv, P, D]; the bindings add the partials in a fixed order.
 #include "common.cuh"
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/util/Exception.h>
 
 namespace reasoncache {
 using namespace nvcuda;
@@ -47,7 +45,7 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int rows) {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char smem[];
+  RC_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + 64 * D;
   T* sK = sdO + 64 * D;
@@ -143,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 template <typename T, int D, bool kPrefix>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char smem[];
+  RC_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + 64 * D;
   T* sQ = sV + 64 * D;
@@ -255,30 +253,27 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
 }
 
 template <typename K>
-static void launch_kernel(K kernel, size_t smem, dim3 grid, const BwdParams& p, cudaStream_t stream) {
+static void launch_kernel(K kernel, size_t smem, dim3 grid, const BwdParams& p) {
   if (grid.x == 0 || grid.y == 0) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  RC_LAUNCH(kernel, grid, kThreads, smem, p);
 }
 
 template <typename T, int D>
-static void launch_all(const BwdParams& p, cudaStream_t stream) {
+static void launch_all(const BwdParams& p) {
   constexpr size_t smem = BwdSmem<T, D>::kBytes;
   const auto tiles = [](int n) { return unsigned((n + 63) / 64); };
-  launch_kernel(dq_kernel<T, D>, smem, dim3(p.B * p.Hq, tiles(p.Nq)), p, stream);
-  launch_kernel(dkdv_kernel<T, D, false>, smem, dim3(p.B * p.Hkv, tiles(p.Nk)), p, stream);
-  launch_kernel(dkdv_kernel<T, D, true>, smem, dim3(p.splits * p.Hkv, tiles(p.P)), p, stream);
+  launch_kernel(dq_kernel<T, D>, smem, dim3(p.B * p.Hq, tiles(p.Nq)), p);
+  launch_kernel(dkdv_kernel<T, D, false>, smem, dim3(p.B * p.Hkv, tiles(p.Nk)), p);
+  launch_kernel(dkdv_kernel<T, D, true>, smem, dim3(p.splits * p.Hkv, tiles(p.P)), p);
 }
 
 void launch_bwd(const BwdParams& p, int dtype, int D) {
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCH_CHECK((p.Nq + 63) / 64 <= 65535 && (p.Nk + 63) / 64 <= 65535 && (p.P + 63) / 64 <= 65535,
               "reasoncache: sequence too long for the backward grid");
-  if (dtype == 0 && D == 64) launch_all<half, 64>(p, stream);
-  else if (dtype == 0 && D == 128) launch_all<half, 128>(p, stream);
-  else if (dtype == 1 && D == 64) launch_all<__nv_bfloat16, 64>(p, stream);
-  else if (dtype == 1 && D == 128) launch_all<__nv_bfloat16, 128>(p, stream);
+  if (dtype == 0 && D == 64) launch_all<half, 64>(p);
+  else if (dtype == 0 && D == 128) launch_all<half, 128>(p);
+  else if (dtype == 1 && D == 64) launch_all<__nv_bfloat16, 64>(p);
+  else if (dtype == 1 && D == 128) launch_all<__nv_bfloat16, 128>(p);
   else TORCH_CHECK(false, "reasoncache: no backward kernel for dtype code ", dtype, " and head dim ", D);
 }
 

@@ -7,10 +7,26 @@
 // Scores live in the log2 domain: s2 = (q . k) * scale * log2(e), so exp2 replaces exp.
 #pragma once
 
+#ifdef RC_EMULATE  // CPU emulation for CI (csrc/emu/cuda_emu.h)
+#include "emu/cuda_emu.h"
+#define RC_DYNAMIC_SMEM(name) unsigned char* name = rc_emu::g->smem
+#define RC_LAUNCH(kernel, grid, threads, smem, p) rc_emu::launch(kernel, grid, dim3(threads), smem, p)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+#define RC_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define RC_LAUNCH(kernel, grid, threads, smem, p)                                                           \
+  do {                                                                                                      \
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));  \
+    kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);                                   \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                         \
+  } while (0)
+#endif
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 

@@ -8,8 +8,6 @@
 // it is never copied per sequence.
 #include "common.cuh"
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/util/Exception.h>
 
 namespace reasoncache {
 using namespace nvcuda;
@@ -23,7 +21,7 @@ struct AttendSmem {
 template <typename T, typename OutT, int D>
 __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char smem[];
+  RC_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);        // [BM, D]
   T* sK = sQ + kBlockM * D;                  // [BN, D]
   T* sV = sK + kBlockN * D;                  // [BN, D]
@@ -180,28 +178,25 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
 }
 
 template <typename T, typename OutT, int D>
-static void launch(const FwdParams& p, dim3 grid, cudaStream_t stream) {
+static void launch(const FwdParams& p, dim3 grid) {
   constexpr size_t smem = AttendSmem<T, D>::kBytes;
   auto kernel = attend_kernel<T, OutT, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  RC_LAUNCH(kernel, grid, kThreads, smem, p);
 }
 
 // dtype: 0 fp16, 1 bf16. out_fp32: partial outputs for decode's log-sum-exp merge.
 void launch_attend(const FwdParams& p, int dtype, bool out_fp32, int D, int problems, int splits) {
   const dim3 grid(problems * splits, (p.rows + kBlockM - 1) / kBlockM);
   TORCH_CHECK(grid.y <= 65535, "reasoncache: too many query rows per problem (", p.rows, ")");
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-#define RC_LAUNCH(T, HD)                                       \
-  if (out_fp32) launch<T, float, HD>(p, grid, stream);         \
-  else launch<T, T, HD>(p, grid, stream);
-  if (dtype == 0 && D == 64) { RC_LAUNCH(half, 64) }
-  else if (dtype == 0 && D == 128) { RC_LAUNCH(half, 128) }
-  else if (dtype == 1 && D == 64) { RC_LAUNCH(__nv_bfloat16, 64) }
-  else if (dtype == 1 && D == 128) { RC_LAUNCH(__nv_bfloat16, 128) }
+#define RC_DISPATCH(T, HD)                       \
+  if (out_fp32) launch<T, float, HD>(p, grid);   \
+  else launch<T, T, HD>(p, grid);
+  if (dtype == 0 && D == 64) { RC_DISPATCH(half, 64) }
+  else if (dtype == 0 && D == 128) { RC_DISPATCH(half, 128) }
+  else if (dtype == 1 && D == 64) { RC_DISPATCH(__nv_bfloat16, 64) }
+  else if (dtype == 1 && D == 128) { RC_DISPATCH(__nv_bfloat16, 128) }
   else TORCH_CHECK(false, "reasoncache: no forward kernel for dtype code ", dtype, " and head dim ", D);
-#undef RC_LAUNCH
+#undef RC_DISPATCH
 }
 
 }  // namespace reasoncache

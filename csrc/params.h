@@ -17,12 +17,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 struct RowMap {
   int group, nq;
 #ifdef __CUDACC__
-  __device__ __forceinline__ void locate(int r, int b_base, int h_base, int& b, int& h, int& i) const {
+  __device__ __forceinline__
+#else
+  inline  // the CPU emulator (RC_EMULATE) and host code
+#endif
+  void locate(int r, int b_base, int h_base, int& b, int& h, int& i) const {
     b = b_base + r / (group * nq);
     h = h_base + (r / nq) % group;
     i = r % nq;
   }
-#endif
 };
 
 struct FwdParams {

@@ -1,0 +1,259 @@
+// A CPU emulator for the subset of CUDA the reasoncache kernels use, so CI can run the
+// real kernel source (csrc/fwd.cu, csrc/bwd.cu) on a machine without a GPU and compare it
+// with the PyTorch reference. Built only by tests/test_cuda_emulated.py (RC_EMULATE).
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; __syncthreads and
+// __syncwarp are barriers that switch fibers, so the barrier structure of the kernels is
+// exercised as written (a missing barrier between a write and another thread's read shows
+// up as a wrong result, since fibers only switch at barriers). WMMA fragments hold the
+// whole 16x16 tile in every lane; a store is done by lane 0 only, so results are visible to
+// other lanes only after a barrier, as on the GPU. What it does not check: timing,
+// coalescing, bank conflicts, register pressure, fragment element layouts (the kernels use
+// none), and races that no barrier orders.
+#pragma once
+
+#include <ucontext.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+// IEEE fp16 and bf16 with the GPU's bit layouts (they alias torch's tensors).
+struct half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __half2float(half h) { return float(std::bit_cast<_Float16>(h.bits)); }
+inline half __float2half_rn(float f) { return half{std::bit_cast<uint16_t>(static_cast<_Float16>(f))}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return std::bit_cast<float>(uint32_t(b.bits) << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  if (std::isnan(f)) return {uint16_t(0x7fc0)};
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return {uint16_t(u >> 16)};
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline void __trap() { std::abort(); }
+
+namespace rc_emu {
+
+constexpr size_t kStack = 256 * 1024;
+
+struct Fiber {
+  ucontext_t ctx;
+  dim3 tid;
+  bool done = false;
+};
+
+// One stack per thread slot, allocated once (uninitialised) and reused by every block.
+inline char* stack_for(int t) {
+  static std::vector<char*> stacks;
+  while (int(stacks.size()) <= t) stacks.push_back(static_cast<char*>(std::malloc(kStack)));
+  return stacks[t];
+}
+
+struct Block {
+  ucontext_t sched;
+  std::vector<Fiber> fibers;
+  int current = 0, nthreads = 0;
+  unsigned block_gen = 0;
+  int block_arrived = 0;
+  unsigned warp_gen[32] = {};
+  int warp_arrived[32] = {};
+  float shfl[32][32];
+  std::function<void()> body;
+  unsigned char* smem = nullptr;
+  dim3 block_idx, block_dim;
+  uint64_t progress = 0;
+};
+inline Block* g = nullptr;
+
+inline void yield() {
+  Fiber& f = g->fibers[g->current];
+  swapcontext(&f.ctx, &g->sched);
+}
+inline int lane() { return int(g->fibers[g->current].tid.x % 32); }
+inline int warp() { return int(g->fibers[g->current].tid.x / 32); }
+
+inline void syncthreads() {
+  const unsigned gen = g->block_gen;
+  if (++g->block_arrived == g->nthreads) {
+    g->block_arrived = 0;
+    ++g->block_gen;
+    ++g->progress;
+  } else {
+    while (g->block_gen == gen) yield();
+  }
+}
+inline void syncwarp() {
+  const int w = warp();
+  const int size = std::min(32, g->nthreads - 32 * w);
+  const unsigned gen = g->warp_gen[w];
+  if (++g->warp_arrived[w] == size) {
+    g->warp_arrived[w] = 0;
+    ++g->warp_gen[w];
+    ++g->progress;
+  } else {
+    while (g->warp_gen[w] == gen) yield();
+  }
+}
+
+inline void fiber_main() {
+  g->body();
+  g->fibers[g->current].done = true;
+  ++g->progress;
+  swapcontext(&g->fibers[g->current].ctx, &g->sched);
+}
+
+// Run one block: resume the fibers round-robin until all are done; fail on a deadlock
+// (a barrier some threads never reach).
+inline void run_block(Block& b) {
+  for (int t = 0; t < b.nthreads; ++t) {
+    Fiber& f = b.fibers[t];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stack_for(t);
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = nullptr;
+    f.tid = dim3(unsigned(t));
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  int done = 0;
+  while (done < b.nthreads) {
+    const uint64_t before = b.progress;
+    done = 0;
+    for (int t = 0; t < b.nthreads; ++t) {
+      if (b.fibers[t].done) {
+        ++done;
+        continue;
+      }
+      b.current = t;
+      swapcontext(&b.sched, &b.fibers[t].ctx);
+    }
+    if (b.progress == before && done < b.nthreads)
+      throw std::runtime_error("cuda_emu: deadlock (a barrier that not every thread of the block reaches)");
+  }
+}
+
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Params& p) {
+  constexpr size_t kMaxSmem = 227 * 1024;  // sm_90 opt-in limit
+  if (smem_bytes > kMaxSmem) throw std::runtime_error("cuda_emu: kernel asks for more shared memory than sm_90 has");
+  if (grid.y > 65535 || grid.z > 65535 || block.x * block.y * block.z > 1024)
+    throw std::runtime_error("cuda_emu: launch configuration exceeds CUDA limits");
+  std::vector<unsigned char> shared(smem_bytes + 256);
+  unsigned char* aligned =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(shared.data()) + 255) & ~uintptr_t(255));
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        // stale shared memory from the previous block, as on a GPU: never zeroed
+        Block b;
+        b.nthreads = int(block.x);
+        b.fibers.resize(block.x);
+        b.smem = aligned;
+        b.block_idx = dim3(x, y, z);
+        b.block_dim = block;
+        b.body = [&] { kernel(p); };
+        Block* saved = g;
+        g = &b;
+        run_block(b);
+        g = saved;
+      }
+}
+
+}  // namespace rc_emu
+
+#define threadIdx (rc_emu::g->fibers[rc_emu::g->current].tid)
+#define blockIdx (rc_emu::g->block_idx)
+#define blockDim (rc_emu::g->block_dim)
+inline void __syncthreads() { rc_emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { rc_emu::syncwarp(); }
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+  const int w = rc_emu::warp(), l = rc_emu::lane();
+  rc_emu::g->shfl[w][l] = v;
+  rc_emu::syncwarp();
+  const float r = rc_emu::g->shfl[w][l ^ mask];
+  rc_emu::syncwarp();
+  return r;
+}
+
+namespace nvcuda::wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int num_elements = 256;
+  float x[256];  // the whole tile, row-major, in every lane (a/b operands already rounded to T)
+};
+
+template <typename T>
+inline float to_f(T v) {
+  if constexpr (std::is_same_v<T, half>) return __half2float(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return float(v);
+}
+
+template <typename Use, typename T, typename L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ld) {
+  // matrix_a is M x K, matrix_b is K x N; element (r, c) of the tile
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = to_f(std::is_same_v<L, row_major> ? p[r * ld + c] : p[c * ld + r]);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ld, layout_t l) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = l == mem_row_major ? p[r * ld + c] : p[c * ld + r];
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
+  if (rc_emu::lane() != 0) return;  // one writer; other lanes see it after a barrier
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) (l == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r * 16 + c];
+}
+template <typename Use, typename T, typename L>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
+  for (auto& e : f.x) e = v;
+}
+template <typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  std::memcpy(out, c.x, sizeof(out));
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) {
+      const float am = a.x[m * 16 + k];
+      for (int n = 0; n < 16; ++n) out[m * 16 + n] += am * b.x[k * 16 + n];
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+}  // namespace nvcuda::wmma

@@ -1,0 +1,134 @@
+"""The CUDA kernel source (csrc/fwd.cu, csrc/bwd.cu, csrc/bindings.cpp) run on the CPU
+through csrc/emu/cuda_emu.h and compared with the fp64 oracle: forward, lse, decode
+(Hydragen prefix pass, split own cache, log-sum-exp merge) and all five gradients.
+
+The emulator runs every CUDA thread of a block as a fiber that switches only at
+barriers, and WMMA as plain fp32-accumulated products of fp16/bf16 operands. It checks
+the kernels' indexing, masking, tiling, online softmax, barrier placement and the
+bindings' glue; it cannot check speed, register or shared-memory pressure, or fragment
+layouts. tests/test_gpu.py runs the same comparisons on a real GPU.
+"""
+
+import math
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import reasoncache
+from helpers import Case, make_inputs, max_err, oracle
+from reasoncache import backends
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or shutil.which("c++") is None, reason="the emulator needs Linux (ucontext) and c++"
+)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The emulated extension, compiled once per test session (about a minute)."""
+    from torch.utils.cpp_extension import load
+
+    src = ROOT / "csrc" / "emu"
+    return load(
+        name="reasoncache_emu",
+        sources=[str(src / f) for f in ("emu_fwd.cpp", "emu_bwd.cpp", "emu_bindings.cpp")],
+        extra_cflags=["-DRC_EMULATE", "-O3", "-std=c++20", "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}"],
+        build_directory=str(tmp_path_factory.mktemp("emu_build")),
+    )
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+CASES = [
+    (Case(B=2, Hq=4, Hkv=2, Nq=70, Nk=70, P=17, D=64), "fp16"),
+    (Case(B=2, Hq=2, Hkv=1, Nq=40, Nk=100, P=70, D=128, pad="left"), "bf16"),  # chunked prefill, 2 prefix tiles
+    (Case(B=1, Hq=2, Hkv=2, Nq=33, Nk=33, P=5, D=64, causal=False, pad="right"), "bf16"),
+    (Case(B=2, Hq=4, Hkv=1, Nq=90, Nk=90, P=0, D=64, window=20), "fp16"),  # no prefix, window, MQA
+    (Case(B=2, Hq=2, Hkv=1, Nq=80, Nk=60, P=3, D=64), "fp16"),  # Nq > Nk: the first rows see only the prefix
+]
+
+
+def _rel_tol(dtype):
+    return 2e-2 if dtype == torch.bfloat16 else 4e-3
+
+
+def _check(name, got, want, dtype):
+    if want.numel() == 0:
+        assert got.shape == want.shape, name
+        return
+    scale = max(1.0, want.abs().max().item())
+    assert max_err(got, want) <= _rel_tol(dtype) * scale, f"{name}: error {max_err(got, want):.3g}"
+
+
+@pytest.mark.parametrize("case,dt", CASES, ids=[f"{c}-{d}" for c, d in CASES])
+def test_forward_and_backward_match_the_oracle(emu, case, dt):
+    dtype = DTYPES[dt]
+    tensors, mask = make_inputs(case, dtype=dtype)
+    q, k, v, pk, pv = [t.detach() for t in tensors]
+    dout = torch.randn_like(q)
+    dlse = torch.randn(case.B, case.Hq, case.Nq)
+    scale = 1 / math.sqrt(case.D)
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, dlse, case.causal, window=case.window)
+
+    out, lse = emu.fwd(q, k, v, pk, pv, mask, case.causal, scale, case.window or 0)
+    _check("out", out, ref_out, dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    _check("lse", lse[finite], ref_lse[finite], dtype)
+
+    dlse_in = dlse.masked_fill(~finite, 0)
+    grads = emu.bwd(dout, dlse_in, q, k, v, pk, pv, mask, out, lse, case.causal, scale, case.window or 0)
+    for name, g, r, t in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads, tensors):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        _check(name, g, r, dtype)
+
+
+DECODE = [
+    (Case(B=3, Hq=4, Hkv=2, Nq=1, Nk=150, P=40, D=64, pad="left"), 0),
+    (Case(B=2, Hq=8, Hkv=2, Nq=5, Nk=200, P=300, D=128), 3),  # 3 own splits; the prefix split over blocks
+    (Case(B=2, Hq=2, Hkv=1, Nq=16, Nk=16, P=0, D=64, window=6), 0),
+]
+
+
+@pytest.mark.parametrize("case,splits", DECODE, ids=[f"{c}-splits{s}" for c, s in DECODE])
+def test_decode_matches_the_oracle(emu, case, splits):
+    tensors, mask = make_inputs(case, dtype=torch.float16)
+    q, k, v, pk, pv = [t.detach() for t in tensors]
+    ref_out, ref_lse = reasoncache.prefix_attention_ref(
+        *[t.double() for t in (q, k, v, pk, pv)], key_padding_mask=mask, sliding_window=case.window
+    )
+    out, lse = emu.decode(q, k, v, pk, pv, mask, True, 1 / math.sqrt(case.D), case.window or 0, splits)
+    _check("out", out, ref_out, torch.float16)
+    _check("lse", lse, ref_lse, torch.float16)
+
+
+def test_row_that_sees_nothing_gets_zero_and_minus_inf(emu):
+    case = Case(B=2, Hq=2, Hkv=1, Nq=20, Nk=20, P=0, D=64)
+    tensors, _ = make_inputs(case, dtype=torch.float16)
+    q, k, v, pk, pv = [t.detach() for t in tensors]
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1] = False
+    out, lse = emu.fwd(q, k, v, pk, pv, mask, True, 0.125, 0)
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all() and torch.isfinite(lse[0]).all()
+    dq, dk, dv, _, _ = emu.bwd(torch.randn_like(q), None, q, k, v, pk, pv, mask, out, lse, True, 0.125, 0)
+    assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+
+
+def test_the_op_runs_the_cuda_backend_glue(emu, monkeypatch):
+    """reasoncache.prefix_attention(backend="cuda") end to end (custom op, autograd, the
+    decode dispatch, non-contiguous inputs) with the emulated extension standing in."""
+    monkeypatch.setattr(backends, "cuda_extension", lambda: emu)
+    monkeypatch.setattr(backends._BACKENDS["cuda"], "not_supported_reasons", lambda q: [])
+    for case in (Case(B=2, Hq=4, Hkv=2, Nq=24, Nk=24, P=9, D=64), Case(B=2, Hq=4, Hkv=2, Nq=3, Nk=40, P=9, D=64)):
+        tensors, _ = make_inputs(case, dtype=torch.float16, transposed_q=True)
+        out = reasoncache.prefix_attention(*tensors, backend="cuda")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, tensors, dout)
+        ref_out, _, ref_grads = oracle(tensors, None, dout, torch.zeros(case.B, case.Hq, case.Nq), True)
+        _check("out", out, ref_out, torch.float16)
+        for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
+            _check(name, g, r, torch.float16)
