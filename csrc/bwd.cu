@@ -11,18 +11,18 @@
 namespace reasoncache {
 using namespace nvcuda;
 
-using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// acc (16 x 16 fp32) += A (16 x 16*KT, row-major in smem, ld lda) x B (16*KT x 16, ld ldb).
-template <typename T, int KT, typename BLayout>
-__device__ __forceinline__ void mma_rows(AccFrag& acc, const T* a, int lda, const T* b, int ldb, int b_step) {
-#pragma unroll
-  for (int kk = 0; kk < KT; ++kk) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
-    wmma::load_matrix_sync(fa, a + kk * 16, lda);
-    wmma::load_matrix_sync(fb, b + kk * b_step, ldb);
-    wmma::mma_sync(acc, fa, fb, acc);
+// o1 = a1 (16 x D) b1^T and o2 = a2 b2^T against the 64 rows of b1, b2: [16, 64] fp32 each
+// (scores and their gradient dP, from the same tiles).
+template <typename T, int D>
+__device__ __forceinline__ void score_pair(const T* a1, const T* b1, float* o1, const T* a2, const T* b2, float* o2) {
+  for (int nb = 0; nb < 4; ++nb) {
+    AccFrag s, dp;
+    wmma::fill_fragment(s, 0.f);
+    wmma::fill_fragment(dp, 0.f);
+    mma_rows<T, D / 16, wmma::col_major>(s, a1, D, b1 + nb * 16 * D, D, 16);
+    mma_rows<T, D / 16, wmma::col_major>(dp, a2, D, b2 + nb * 16 * D, D, 16);
+    wmma::store_matrix_sync(o1 + nb * 16, s, 64, wmma::mem_row_major);
+    wmma::store_matrix_sync(o2 + nb * 16, dp, 64, wmma::mem_row_major);
   }
 }
 
@@ -40,21 +40,45 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int rows) {
   load_tile<T, D, 64>(dst, src, rows, D);
 }
 
+// Shared memory of both backward kernels: four [64, D] tiles, two [64, 64] tiles in T,
+// two [64, 64] fp32 score tiles (later the fp32 staging tile of the output), lse and delta.
+template <typename T, int D>
+struct BwdTiles {
+  T *t0, *t1, *t2, *t3, *h0, *h1;
+  float *f0, *f1, *lse, *delta;
+  __device__ __forceinline__ explicit BwdTiles(unsigned char* smem) {
+    t0 = reinterpret_cast<T*>(smem);
+    t1 = t0 + 64 * D;
+    t2 = t1 + 64 * D;
+    t3 = t2 + 64 * D;
+    h0 = t3 + 64 * D;
+    h1 = h0 + 64 * 64;
+    f0 = reinterpret_cast<float*>(h1 + 64 * 64);
+    f1 = f0 + 64 * 64;
+    lse = f1 + 64 * 64;
+    delta = lse + 64;
+  }
+};
+
+// lse (log2 domain; +inf for a row that sees nothing, so its p is 0) and delta of 64 rows.
+__device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const BwdParams& p, int64_t qrow,
+                                               int nrows) {
+  for (int r = threadIdx.x; r < 64; r += kThreads) {
+    const float l = r < nrows ? p.lse[qrow + r] : -INFINITY;
+    sLse[r] = l == -INFINITY ? INFINITY : l * kLog2e;
+    sDelta[r] = r < nrows ? p.delta[qrow + r] : 0.f;
+  }
+}
+
 // ---------------------------------------------------------------- dq
 // grid (B * Hq, q tiles). Warp w owns query rows 16w..16w+15 and accumulates their dq.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   RC_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sdO = sQ + 64 * D;
-  T* sK = sdO + 64 * D;
-  T* sV = sK + 64 * D;
-  T* sdS = sV + 64 * D;                                      // [64, 64]
-  float* sS = reinterpret_cast<float*>(sdS + 2 * 64 * 64);    // [64, 64]
-  float* sdP = sS + 64 * 64;                                  // [64, 64]
-  float* sLse = sdP + 64 * 64;                                // [64] lse * log2(e); +inf: row sees nothing
-  float* sDelta = sLse + 64;
+  const BwdTiles<T, D> sm(smem);
+  T *sQ = sm.t0, *sdO = sm.t1, *sK = sm.t2, *sV = sm.t3, *sdS = sm.h0;  // sdS: [64 rows, 64 keys]
+  float *sS = sm.f0, *sdP = sm.f1, *sLse = sm.lse, *sDelta = sm.delta;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int G = p.Hq / p.Hkv;
@@ -63,11 +87,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
   const int64_t qrow = (int64_t(b) * p.Hq + h) * p.Nq + m0;
   load_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
   load_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
-  for (int r = threadIdx.x; r < 64; r += kThreads) {
-    const float l = r < nrows ? p.lse[qrow + r] : -INFINITY;
-    sLse[r] = l == -INFINITY ? INFINITY : l * kLog2e;
-    sDelta[r] = r < nrows ? p.delta[qrow + r] : 0.f;
-  }
+  load_row_stats(sLse, sDelta, p, qrow, nrows);
   AccFrag acc[D / 16];
 #pragma unroll
   for (int db = 0; db < D / 16; ++db) wmma::fill_fragment(acc[db], 0.f);
@@ -78,15 +98,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
     load_rows<T, D>(sK, ksrc, n);
     load_rows<T, D>(sV, vsrc, n);
     __syncthreads();
-    for (int nb = 0; nb < 4; ++nb) {
-      AccFrag s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-      mma_rows<T, D / 16, wmma::col_major>(s, sQ + warp * 16 * D, D, sK + nb * 16 * D, D, 16);
-      mma_rows<T, D / 16, wmma::col_major>(dp, sdO + warp * 16 * D, D, sV + nb * 16 * D, D, 16);
-      wmma::store_matrix_sync(sS + warp * 16 * 64 + nb * 16, s, 64, wmma::mem_row_major);
-      wmma::store_matrix_sync(sdP + warp * 16 * 64 + nb * 16, dp, 64, wmma::mem_row_major);
-    }
+    score_pair<T, D>(sQ + warp * 16 * D, sK, sS + warp * 16 * 64, sdO + warp * 16 * D, sV, sdP + warp * 16 * 64);
     __syncwarp();
     for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {
       const bool ok = wr < nrows && c < n && (!own || own_visible(ri, n0 + c, p.Nq, p.Nk, p.causal, p.window, kpm_row));
@@ -142,16 +154,9 @@ template <typename T, int D, bool kPrefix>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   RC_DYNAMIC_SMEM(smem);
-  T* sK = reinterpret_cast<T*>(smem);
-  T* sV = sK + 64 * D;
-  T* sQ = sV + 64 * D;
-  T* sdO = sQ + 64 * D;
-  T* sPt = sdO + 64 * D;                                     // [64 keys, 64 rows]
-  T* sdSt = sPt + 64 * 64;
-  float* sSt = reinterpret_cast<float*>(sdSt + 64 * 64);     // [64 keys, 64 rows]
-  float* sdPt = sSt + 64 * 64;
-  float* sLse = sdPt + 64 * 64;
-  float* sDelta = sLse + 64;
+  const BwdTiles<T, D> sm(smem);
+  T *sK = sm.t0, *sV = sm.t1, *sQ = sm.t2, *sdO = sm.t3, *sPt = sm.h0, *sdSt = sm.h1;  // [64 keys, 64 rows]
+  float *sSt = sm.f0, *sdPt = sm.f1, *sLse = sm.lse, *sDelta = sm.delta;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int G = p.Hq / p.Hkv;
@@ -190,21 +195,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
         __syncthreads();
         load_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
         load_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
-        for (int r = threadIdx.x; r < 64; r += kThreads) {
-          const float l = r < nrows ? p.lse[qrow + r] : -INFINITY;
-          sLse[r] = l == -INFINITY ? INFINITY : l * kLog2e;
-          sDelta[r] = r < nrows ? p.delta[qrow + r] : 0.f;
-        }
+        load_row_stats(sLse, sDelta, p, qrow, nrows);
         __syncthreads();
-        for (int nb = 0; nb < 4; ++nb) {  // S^T = K Q^T and dP^T = V dO^T for this warp's keys
-          AccFrag s, dp;
-          wmma::fill_fragment(s, 0.f);
-          wmma::fill_fragment(dp, 0.f);
-          mma_rows<T, D / 16, wmma::col_major>(s, sK + warp * 16 * D, D, sQ + nb * 16 * D, D, 16);
-          mma_rows<T, D / 16, wmma::col_major>(dp, sV + warp * 16 * D, D, sdO + nb * 16 * D, D, 16);
-          wmma::store_matrix_sync(sSt + warp * 16 * 64 + nb * 16, s, 64, wmma::mem_row_major);
-          wmma::store_matrix_sync(sdPt + warp * 16 * 64 + nb * 16, dp, 64, wmma::mem_row_major);
-        }
+        // S^T = K Q^T and dP^T = V dO^T for this warp's keys
+        score_pair<T, D>(sK + warp * 16 * D, sQ, sSt + warp * 16 * 64, sV + warp * 16 * D, sdO, sdPt + warp * 16 * 64);
         __syncwarp();
         for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {  // c: query row m0 + c
           const bool ok =

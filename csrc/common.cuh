@@ -65,6 +65,22 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
   }
 }
 
+using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// acc (16 x 16 fp32) += A (16 x 16*KT, row-major in shared memory, ld lda) x B (16*KT x 16,
+// layout BLayout, ld ldb; the k-th 16-slice of B starts b_step elements after the previous).
+template <typename T, int KT, typename BLayout>
+__device__ __forceinline__ void mma_rows(AccFrag& acc, const T* a, int lda, const T* b, int ldb, int b_step) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+    nvcuda::wmma::load_matrix_sync(fa, a + kk * 16, lda);
+    nvcuda::wmma::load_matrix_sync(fb, b + kk * b_step, ldb);
+    nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
 // The op's visibility rule for own keys (reference.causal_visibility): query i sees key j
 // iff j <= i + nk - nq and, with a window W > 0, j > i + nk - nq - W; padded keys never.
 __device__ __forceinline__ bool own_visible(int i, int j, int nq, int nk, bool causal, int window,

@@ -79,17 +79,10 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
     load_tile<T, D, kBlockN>(sK, ksrc, n, D);
     load_tile<T, D, kBlockN>(sV, vsrc, n, D);
     __syncthreads();
-    for (int nb = 0; nb < kBlockN / 16; ++nb) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    for (int nb = 0; nb < kBlockN / 16; ++nb) {  // S = Q K^T
+      AccFrag acc;
       wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(a, sQ + warp * 16 * D + kk * 16, D);
-        wmma::load_matrix_sync(bt, sK + nb * 16 * D + kk * 16, D);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
+      mma_rows<T, D / 16, wmma::col_major>(acc, sQ + warp * 16 * D, D, sK + nb * 16 * D, D, 16);
       wmma::store_matrix_sync(sS + warp * 16 * kBlockN + nb * 16, acc, kBlockN, wmma::mem_row_major);
     }
     __syncwarp();
@@ -124,16 +117,9 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
     __syncwarp();
 #pragma unroll
     for (int db = 0; db < D / 16; ++db) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      AccFrag acc;  // O += P V
       wmma::load_matrix_sync(acc, sO + warp * 16 * D + db * 16, D, wmma::mem_row_major);
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bv;
-        wmma::load_matrix_sync(a, sP + warp * 16 * kBlockN + kk * 16, kBlockN);
-        wmma::load_matrix_sync(bv, sV + kk * 16 * D + db * 16, D);
-        wmma::mma_sync(acc, a, bv, acc);
-      }
+      mma_rows<T, kBlockN / 16, wmma::row_major>(acc, sP + warp * 16 * kBlockN, kBlockN, sV + db * 16, D, 16 * D);
       wmma::store_matrix_sync(sO + warp * 16 * D + db * 16, acc, D, wmma::mem_row_major);
     }
     __syncwarp();
