@@ -86,6 +86,7 @@ def cmd_train(args) -> int:
         seed=args.seed,
         sink=args.sink,
         reparam_hidden=args.reparam_hidden,
+        rms_scaled=args.rms_scaled,
     )
     reasoncache.patch(model, cache)
     if rank == 0:
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--sink", action="store_true", help="keep prefix position 0 frozen (attention sink)")
     t.add_argument("--reparam-hidden", type=int, default=0, help="MLP reparametrization width (0: off)")
+    t.add_argument(
+        "--rms-scaled", action="store_true", help="learn keys/values in units of their initial RMS per layer and head"
+    )
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--no-length-grouping", action="store_true")
     t.add_argument("--checkpoint-every", type=int, default=50)

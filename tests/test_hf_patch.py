@@ -218,6 +218,38 @@ def test_mlp_reparametrization_starts_at_init_trains_and_folds():
     assert not torch.equal(cache.keys.detach(), plain.keys.detach())
 
 
+@pytest.mark.parametrize("reparam_hidden", [0, 16])
+def test_rms_scaled_prefix_starts_at_init_moves_relatively_saves_and_folds(tmp_path, reparam_hidden):
+    model = tiny_model("llama")
+    demo = _ids(1, P)
+    plain = ReasonCache.from_demonstrations(model, demo)
+    cache = ReasonCache.from_demonstrations(model, demo, rms_scaled=True, reparam_hidden=reparam_hidden)
+    for a, b in zip(plain.tensors(), cache.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    if not reparam_hidden:  # the learned tensors are in units of each layer/head's RMS
+        rms = cache.keys.detach().pow(2).mean((2, 3)).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms))
+    reasoncache.patch(model, cache)
+    model.train()
+    opt = torch.optim.AdamW(cache.parameters(), lr=1e-2)
+    ids = _ids(2, N)
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        before = model(ids).logits
+        cache.save_pretrained(tmp_path)
+        loaded = ReasonCache.from_pretrained(tmp_path, model)
+        for a, b in zip(cache.tensors(), loaded.tensors()):
+            assert torch.equal(a, b)
+        cache.fold()
+        after = model(ids).logits
+    assert not cache.rms_scaled and cache.reparam_hidden == 0 and not hasattr(cache, "key_scale")
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
 def test_sink_position_stays_frozen():
     model = tiny_model("llama")
     cache = ReasonCache.for_model(model, prefix_len=4, init="tokens", sink=True)
