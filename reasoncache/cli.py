@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=150)
     t.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--lr", type=float, default=1e-2)
+    t.add_argument(
+        "--lr", type=float, default=3e-2, help="peak learning rate (3e-2: the prefix study in bench/results/quality.md)"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--sink", action="store_true", help="keep prefix position 0 frozen (attention sink)")
     t.add_argument("--reparam-hidden", type=int, default=0, help="MLP reparametrization width (0: off)")

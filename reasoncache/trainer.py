@@ -32,7 +32,7 @@ class TrainConfig:
     steps: int = 150
     batch_size: int = 8  # examples per micro-batch, per process
     grad_accum: int = 1  # micro-batches per step, per process
-    lr: float = 1e-2
+    lr: float = 3e-2  # for a prefix; LoRA wants ~2e-3 (bench/results/quality.md)
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
