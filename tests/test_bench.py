@@ -99,3 +99,21 @@ def test_every_suite_runs_quick_on_cpu_and_writes_json_and_plots(tmp_path):
         data = json.loads(out.read_text())
         assert data["rows"] and data["environment"]["device_type"] == "cpu"
     assert (tmp_path / "kernel_tflops_vs_n.png").is_file() and (tmp_path / "decode_speedup_vs_batch.png").is_file()
+
+
+def test_quality_table_aggregates_seeds_and_the_committed_study_has_three_per_variant():
+    from bench import quality
+
+    rows = [
+        {"task": "t", "variant": "v", "config": {"kind": "prefix", "lr": 0.03}, "seed": s, "steps": 100,
+         "trainable_params": 10, "loss_last10": loss, "accuracy": acc}
+        for s, acc, loss in ((0, 0.5, 0.2), (1, 0.7, 0.4))
+    ]  # fmt: skip
+    line = quality.table(rows).splitlines()[-1]
+    assert "| t (100 steps) | v | lr=0.03 | 10 | 2 | 0.600 ± 0.141 | 0.50-0.70 | 0.300 |" == line
+    study = [json.loads(x) for x in quality.DEFAULT_OUT.read_text().splitlines() if x.strip()]
+    per = {}
+    for r in study:
+        per.setdefault((r["task"], r["variant"]), set()).add(r["seed"])
+        assert r["variant"] in quality.VARIANTS and 0 <= r["accuracy"] <= 1
+    assert per and all(seeds == {0, 1, 2} for seeds in per.values())
