@@ -193,13 +193,8 @@ def test_loading_into_another_model_says_what_differs(tmp_path):
         reasoncache.patch(tiny_model("gpt2"), ReasonCache.for_model(tiny_model("llama"), prefix_len=2))
 
 
-def test_mlp_reparametrization_starts_at_init_trains_and_folds():
-    model = tiny_model("llama")
-    demo = _ids(1, P)
-    plain = ReasonCache.from_demonstrations(model, demo)
-    cache = ReasonCache.from_demonstrations(model, demo, reparam_hidden=32)
-    for a, b in zip(plain.tensors(), cache.tensors()):
-        assert torch.equal(a, b)
+def _patch_and_train_two_steps(model, cache):
+    """Patch ``model`` with ``cache``, take two AdamW steps on random tokens, return them."""
     reasoncache.patch(model, cache)
     model.train()
     opt = torch.optim.AdamW(cache.parameters(), lr=1e-2)
@@ -209,6 +204,17 @@ def test_mlp_reparametrization_starts_at_init_trains_and_folds():
         opt.step()
         opt.zero_grad()
     model.eval()
+    return ids
+
+
+def test_mlp_reparametrization_starts_at_init_trains_and_folds():
+    model = tiny_model("llama")
+    demo = _ids(1, P)
+    plain = ReasonCache.from_demonstrations(model, demo)
+    cache = ReasonCache.from_demonstrations(model, demo, reparam_hidden=32)
+    for a, b in zip(plain.tensors(), cache.tensors()):
+        assert torch.equal(a, b)
+    ids = _patch_and_train_two_steps(model, cache)
     with torch.no_grad():
         before = model(ids).logits
         cache.fold()
@@ -229,15 +235,7 @@ def test_rms_scaled_prefix_starts_at_init_moves_relatively_saves_and_folds(tmp_p
     if not reparam_hidden:  # the learned tensors are in units of each layer/head's RMS
         rms = cache.keys.detach().pow(2).mean((2, 3)).sqrt()
         torch.testing.assert_close(rms, torch.ones_like(rms))
-    reasoncache.patch(model, cache)
-    model.train()
-    opt = torch.optim.AdamW(cache.parameters(), lr=1e-2)
-    ids = _ids(2, N)
-    for _ in range(2):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    ids = _patch_and_train_two_steps(model, cache)
     with torch.no_grad():
         before = model(ids).logits
         cache.save_pretrained(tmp_path)
