@@ -184,8 +184,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
   }
   m_lo = (m_lo / 64) * 64;
 
-  const int b_first = kPrefix ? outer : outer, b_step = kPrefix ? p.splits : p.B;
-  for (int b = b_first; b < p.B; b += b_step) {
+  const int b_step = kPrefix ? p.splits : p.B;  // own keys: the one sequence `outer`
+  for (int b = outer; b < p.B; b += b_step) {
     const uint8_t* kpm_row = (!kPrefix && p.kpm) ? p.kpm + int64_t(b) * p.Nk : nullptr;
     for (int g = 0; g < G; ++g) {
       const int h = hkv * G + g;
