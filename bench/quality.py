@@ -23,7 +23,7 @@ import torch
 
 from .common import environment
 
-# Every variant the study has run; the README's table names them. The prefix variants use
+# Every variant the study has run; bench/results/quality.md's tables name them. The prefix variants use
 # P=16 (184K parameters on SmolLM2-135M); LoRA's rank is chosen to match that count.
 VARIANTS: dict[str, dict] = {
     "lora": dict(kind="lora", lr=2e-3),
@@ -32,14 +32,13 @@ VARIANTS: dict[str, dict] = {
     "prefix-rms": dict(kind="prefix", init="demonstrations", lr=1e-2, rms_scaled=True),
     "prefix-rms-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, rms_scaled=True),
     "prefix-rms-lr1e-1": dict(kind="prefix", init="demonstrations", lr=1e-1, rms_scaled=True),
-    "prefix-random": dict(kind="prefix", init="random", lr=1e-2),
 }
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "quality_cpu_smollm2.jsonl"
 
 
 def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None) -> dict:
-    from reasoncache.demo import DEFAULTS, lora_rank_for
+    from reasoncache.demo import DEFAULTS, matched_lora
     from reasoncache.evaluate import evaluate
     from reasoncache.hf import patch
     from reasoncache.models import load_model
@@ -67,13 +66,7 @@ def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bo
         patch(model, cache)
         trained, n_params = model, n_prefix
     else:
-        from peft import LoraConfig, get_peft_model
-
-        r = lora_rank_for(model, n_prefix)
-        trained = get_peft_model(
-            model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-        )
-        n_params = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+        trained, _, n_params = matched_lora(model, n_prefix)
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch,

@@ -69,9 +69,9 @@ def build(name: str, device: str, dtype: torch.dtype):
 
 def prepare(method: str, model, prefix_len: int, checkpointing: bool):
     """Wrap ``model`` for ``method``; returns (trainable model, trainable parameter count)."""
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    from peft import PrefixTuningConfig, get_peft_model
 
-    from reasoncache.demo import lora_rank_for
+    from reasoncache.demo import matched_lora
     from reasoncache.trainer import enable_checkpointing
 
     if method == "reasoncache":
@@ -84,8 +84,7 @@ def prepare(method: str, model, prefix_len: int, checkpointing: bool):
     elif method == "lora":
         shape = reasoncache.hf.models.model_shape(model)
         target = 2 * shape.num_layers * shape.num_kv_heads * prefix_len * shape.head_dim
-        r = lora_rank_for(model, target)
-        net = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+        net, _, _ = matched_lora(model, target)
     else:
         raise ValueError(method)
     if checkpointing:

@@ -49,6 +49,17 @@ def lora_rank_for(model, target_params: int, modules=("q_proj", "v_proj")) -> in
     return max(1, round(target_params / per_rank))
 
 
+def matched_lora(model, target_params: int, modules=("q_proj", "v_proj")):
+    """``model`` wrapped with LoRA on ``modules`` at the rank whose parameter count is
+    closest to ``target_params`` (alpha = 2 * rank, no dropout): the demo's and the
+    benchmarks' equal-parameter baseline. Returns (peft model, rank, trainable params)."""
+    from peft import LoraConfig, get_peft_model
+
+    r = lora_rank_for(model, target_params, modules)
+    net = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(modules)))
+    return net, r, sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
 def _train_and_eval(model, tok, train, test, cfg: TrainConfig, out: Path, label: str) -> dict:
     trainer = Trainer(model, tok, train, cfg, out, eval_examples=test)
     t0 = time.time()
@@ -140,13 +151,7 @@ def run_demo(
     unpatch(model)
 
     # 3) LoRA with about the same number of trainable parameters, same data and steps
-    from peft import LoraConfig, get_peft_model
-
-    r = lora_rank_for(model, n_rc)
-    lora = get_peft_model(
-        model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    )
-    n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    lora, r, n_lora = matched_lora(model, n_rc)
     lo = _train_and_eval(lora, tok, train, test, TrainConfig(lr=o["lora_lr"], **cfg), outdir / "lora", f"LoRA r={r}")
     res = lo["result"]
     rows.append(
@@ -264,4 +269,4 @@ def plot_curves(rows: list[dict], path: Path, task: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["run_demo", "render_table", "plot_curves", "lora_rank_for"]
+__all__ = ["run_demo", "render_table", "plot_curves", "lora_rank_for", "matched_lora"]
