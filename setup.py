@@ -1,7 +1,11 @@
 """Build and install reasoncache.
 
-The Triton kernels live in the top-level ``kernels/`` folder and are installed as the
-``reasoncache.kernels`` subpackage (never as a top-level ``kernels`` module).
+Layout: the Triton kernels live in the top-level ``kernels/`` folder and the benchmarks in
+``bench/``; they install as the subpackages ``reasoncache.kernels`` (through the symlink
+``reasoncache/kernels -> ../kernels``, so a source checkout, an editable install and a wheel
+all import them under that one name) and ``reasoncache.bench`` (``package_dir`` below).
+``kernels/`` has no ``__init__.py``: seen from the repository root it is an empty namespace,
+which transformers does not take for the Hugging Face hub-kernels package.
 
 The CUDA C++ kernels in ``csrc/`` are built as ``reasoncache._C`` (torch cpp_extension,
 ninja, pybind11) whenever nvcc and a CUDA build of torch are present. Environment:
@@ -21,6 +25,12 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    """The version, written once in reasoncache/_version.py (read as text: no torch needed)."""
+    with open(os.path.join(ROOT, "reasoncache", "_version.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _cuda_home() -> str | None:
@@ -86,13 +96,20 @@ ext_modules, cmdclass = _cuda_extension()
 
 setup(
     name="reasoncache",
-    version="0.1.0",
+    version=_version(),
     description="Prefix-augmented flash attention (Triton, CUDA, PyTorch) for prefix tuning frozen LLMs",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["reasoncache", "reasoncache.kernels"],
-    package_dir={"reasoncache": "reasoncache", "reasoncache.kernels": "kernels"},
+    packages=[
+        "reasoncache",
+        "reasoncache.ops",
+        "reasoncache.kernels",
+        "reasoncache.hf",
+        "reasoncache.app",
+        "reasoncache.bench",
+    ],
+    package_dir={"reasoncache.bench": "bench"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -107,5 +124,5 @@ setup(
         "demo": ["gguf", "peft", "matplotlib", "accelerate"],
         "test": ["pytest>=8", "ruff>=0.6", "gguf", "peft", "matplotlib", "accelerate"],
     },
-    entry_points={"console_scripts": ["reasoncache = reasoncache.cli:main"]},
+    entry_points={"console_scripts": ["reasoncache = reasoncache.app.cli:main"]},
 )

@@ -122,8 +122,13 @@ def plot_lines(
     ylabel: str,
     logx: bool = True,
 ) -> None:
-    """One line per ``group`` value: ``y`` against ``x`` (rows lacking either are left out)."""
-    import matplotlib
+    """One line per ``group`` value: ``y`` against ``x`` (rows lacking either are left out).
+    Without matplotlib (the ``[demo]`` extra) it says so in one line and draws nothing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"skipped the plot {path}: matplotlib draws it (pip install 'reasoncache[demo]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

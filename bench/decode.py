@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = environment(args.device)
     rows = [r for s in shapes for r in run_shape(s, args.device, backends)]
     probe = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16, device=args.device)
-    primary = next(b for b in backends if not reasoncache.backends._BACKENDS[b].not_supported_reasons(probe))
+    primary = next(b for b in backends if not reasoncache.ops.backends._BACKENDS[b].not_supported_reasons(probe))
     icl = icl_vs_reasoncache(args.device, primary, args.quick)
     print(f"# decode attention (one layer, one new token per sequence) on {env['device']}\n")
     print(markdown_table([r for r in rows if "skipped" not in r], COLUMNS))

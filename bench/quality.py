@@ -34,16 +34,18 @@ VARIANTS: dict[str, dict] = {
     "prefix-rms-lr1e-1": dict(kind="prefix", init="demonstrations", lr=1e-1, rms_scaled=True),
 }
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "quality_cpu_smollm2.jsonl"
+# relative to the working directory: run from the repository root, it appends to the committed results
+DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
 
 
 def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None) -> dict:
-    from reasoncache.demo import DEFAULTS, matched_lora
-    from reasoncache.evaluate import evaluate
-    from reasoncache.hf import patch
-    from reasoncache.models import load_model
-    from reasoncache.tasks import make_split
-    from reasoncache.trainer import TrainConfig, Trainer, build_cache
+    from reasoncache import build_cache, patch
+    from reasoncache.app.baselines import matched_lora
+    from reasoncache.app.demo import DEFAULTS
+    from reasoncache.app.evaluate import evaluate
+    from reasoncache.app.models import load_model
+    from reasoncache.app.tasks import make_split
+    from reasoncache.app.trainer import TrainConfig, Trainer
 
     v = VARIANTS[variant]
     torch.manual_seed(seed)

@@ -14,6 +14,7 @@ CPU) or ``default``, the embedded SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import statistics
 import time
 
@@ -53,7 +54,7 @@ CONFIGS = {
 
 def build(name: str, device: str, dtype: torch.dtype):
     if name == "default":
-        from reasoncache.models import load_model
+        from reasoncache.app.models import load_model
 
         model, _ = load_model(device=device, dtype=dtype)
         return model
@@ -69,15 +70,15 @@ def build(name: str, device: str, dtype: torch.dtype):
 
 def prepare(method: str, model, prefix_len: int, checkpointing: bool):
     """Wrap ``model`` for ``method``; returns (trainable model, trainable parameter count)."""
-    from peft import PrefixTuningConfig, get_peft_model
-
-    from reasoncache.demo import matched_lora
-    from reasoncache.trainer import enable_checkpointing
+    from reasoncache.app.baselines import matched_lora
+    from reasoncache.app.trainer import enable_checkpointing
 
     if method == "reasoncache":
         cache = reasoncache.ReasonCache.for_model(model, prefix_len=prefix_len, init="random")
         net = reasoncache.patch(model, cache)
     elif method == "peft-prefix":
+        from peft import PrefixTuningConfig, get_peft_model
+
         if checkpointing:
             raise RuntimeError("PEFT prefix tuning does not support gradient checkpointing")
         net = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_len))
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     N = args.seq_len or (64 if args.quick else (100 if args.device == "cpu" else 2048))
     steps = args.steps or (2 if args.quick else 5)
     methods = [m.strip() for m in args.methods.split(",")]
+    if {"peft-prefix", "lora"} & set(methods) and importlib.util.find_spec("peft") is None:
+        ap.error("--methods peft-prefix and lora need peft: pip install 'reasoncache[demo]' (or --methods reasoncache)")
     env = environment(args.device)
     rows = [r for m in models for r in run(m, B, N, args.prefix_len, args.device, steps, methods)]
     for r in rows:

@@ -2,8 +2,9 @@
 //
 // Every check that can fail runs before any device work, in this order: dimensions and
 // shapes, dtypes, layout (contiguous, 16-byte aligned), supported head dims, and last the
-// device. A bad argument raises ValueError or TypeError naming it; the Python op
-// (reasoncache.prefix_attention) has already made the tensors contiguous.
+// device. A bad argument raises ValueError or TypeError naming it. The bindings require
+// contiguous tensors and copy nothing; the CUDA backend (reasoncache/ops/backends.py)
+// makes its inputs contiguous before it calls them.
 #include <torch/extension.h>
 #ifndef RC_EMULATE
 #include <ATen/cuda/CUDAContext.h>

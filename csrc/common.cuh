@@ -1,7 +1,7 @@
 // Shared pieces of the prefix-attention CUDA kernels: parameter structs, element
 // conversions, tile loads and the masking rule.
 //
-// Layout conventions (the bindings make every tensor contiguous):
+// Layout conventions (every tensor contiguous: the bindings require it, backends.py makes it so):
 //   q, out, dout, dq  [B, Hq, Nq, D]      k, v, dk, dv  [B, Hkv, Nk, D]
 //   prefix_k/v        [Hkv, P, D]         lse, delta    [B, Hq, Nq] fp32
 // Scores live in the log2 domain: s2 = (q . k) * scale * log2(e), so exp2 replaces exp.

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, bwd_configs, dot_precision, interpreting, launch_meta
+from .utils import LOG2E, bwd_configs, dot_precision, interpreting, launch_meta, own_visible
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _load_row_tile(
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     lse_off = b * stride_lb + h * stride_lh + qi * stride_lm
     lse = tl.load(Lse + lse_off, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta + lse_off, mask=row_ok, other=0.0)
     return q, do, lse2, delta, qi, h, row_ok
 
@@ -134,11 +134,7 @@ def _bwd_dkdv_kernel(
             stride_dob, stride_doh, stride_dom, stride_dod,
             stride_lb, stride_lh, stride_lm, N_Q,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
-        visible = col_ok[None, :]
-        if IS_CAUSAL:
-            visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
-        if HAS_WINDOW:
-            visible = visible & (offs_n[None, :] > qi[:, None] + diag - WINDOW)
+        visible = own_visible(col_ok[None, :], offs_n, qi, diag, WINDOW, IS_CAUSAL, HAS_WINDOW)
         p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
@@ -163,11 +159,7 @@ def _dq_tile_loop(
         n_ok = offs_n < n_limit
         k = _load_key_tile(K, stride_kn, stride_kd, offs_n, n_ok, HEAD_DIM, BLOCK_D)
         v = _load_key_tile(V, stride_vn, stride_vd, offs_n, n_ok, HEAD_DIM, BLOCK_D)
-        visible = n_ok[None, :]
-        if CAUSAL_MASK:
-            visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
-        if WINDOW_MASK:
-            visible = visible & (offs_n[None, :] > qi[:, None] + diag - window)
+        visible = own_visible(n_ok[None, :], offs_n, qi, diag, window, CAUSAL_MASK, WINDOW_MASK)
         if HAS_KPM:
             visible = visible & (tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0) != 0)[None, :]
         p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION)
@@ -327,7 +319,7 @@ def prefix_attention_bwd(
     prec = dot_precision(q.dtype)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty((1, 1), dtype=torch.uint8)
     has_kpm = key_padding_mask is not None
-    qk_scale = softmax_scale * LOG2E
+    qk_scale = softmax_scale * LOG2E.value
 
     # dlse is indexed with lse's strides; autograd may hand it over expanded (stride 0).
     dlse = dlse.float().contiguous() if dlse is not None else None

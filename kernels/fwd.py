@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, dot_precision, fwd_configs, launch_meta
+from .utils import LN2, LOG2E, dot_precision, fwd_configs, launch_meta, own_visible
 
 
 @triton.jit
@@ -37,11 +37,7 @@ def _fwd_tile_loop(
         kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        visible = n_ok[None, :]
-        if CAUSAL_MASK:
-            visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
-        if WINDOW_MASK:
-            visible = visible & (offs_n[None, :] > qi[:, None] + diag - window)
+        visible = own_visible(n_ok[None, :], offs_n, qi, diag, window, CAUSAL_MASK, WINDOW_MASK)
         if HAS_KPM:
             real = tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0)
             visible = visible & (real[None, :] != 0)
@@ -140,7 +136,7 @@ def _fwd_kernel(
     # A row that saw no key (P == 0, all own keys masked) gets 0 and lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
              + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=io_mask)
     tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_lm, lse, mask=row_ok)
@@ -183,7 +179,7 @@ def prefix_attention_fwd(
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_k.stride(), *prefix_v.stride(), *kpm.stride(),
         *out.stride(), *lse.stride(),
-        Hkv, Nq, Nk, P, window, softmax_scale * LOG2E,
+        Hkv, Nq, Nk, P, window, softmax_scale * LOG2E.value,
         GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
         DOT_PRECISION=dot_precision(q.dtype), **meta,
     )

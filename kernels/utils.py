@@ -1,13 +1,38 @@
-"""Shared launch helpers for the Triton kernels: tile configs, dot precision, head-dim padding."""
+"""Shared pieces of the Triton kernels: the visibility rule, tile configs, dot precision,
+head-dim padding."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
+import triton.language as tl
 
-LOG2E = 1.4426950408889634
+if __package__ != "reasoncache.kernels":
+    # The repository root on sys.path makes this folder findable as a top-level ``kernels``
+    # (transformers takes that name for the Hugging Face hub-kernels package). Without an
+    # __init__.py it is only an empty namespace there, and its modules refuse to load.
+    raise ImportError(f"the Triton kernels are reasoncache.kernels; import them as that, not as {__package__!r}")
+
+# exp(x) = exp2(x * LOG2E), ln(x) = log2(x) * LN2. constexpr, because a kernel reads module
+# globals only as constexpr; host code takes ``.value``.
+LOG2E = tl.constexpr(1 / math.log(2))
+LN2 = tl.constexpr(math.log(2))
+
+
+@triton.jit
+def own_visible(visible, offs_n, qi, diag, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Narrow ``visible`` ``[M, N]`` to the own keys ``offs_n [N]`` that packed rows of query
+    index ``qi [M]`` may see: key j iff ``j <= i + diag`` (CAUSAL, bottom-right, ``diag = Nk - Nq``)
+    and ``j > i + diag - window`` (WINDOW). The twin of ``causal_visibility`` in
+    ``reasoncache/ops/reference.py`` and ``own_visible`` in ``csrc/common.cuh``."""
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
+    if WINDOW:
+        visible = visible & (offs_n[None, :] > qi[:, None] + diag - window)
+    return visible
 
 
 def interpreting() -> bool:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ._version import __version__
 from .hf.models import ModelShape, fingerprint, model_shape, rotate_keys, text_config, uses_absolute_positions
 from .hf.patch import record_keys_values
 
@@ -267,8 +269,6 @@ class ReasonCache(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def config_dict(self) -> dict:
-        from . import __version__
-
         return {
             "format": "reasoncache",
             "reasoncache_version": __version__,
@@ -328,3 +328,44 @@ class ReasonCache(nn.Module):
             cache.check_compatible(model)
             device = device or next(model.parameters()).device
         return cache.to(device) if device is not None else cache
+
+
+def build_cache(
+    model: nn.Module,
+    tok,
+    examples: list,
+    prefix_len: int,
+    init: str = "demonstrations",
+    *,
+    seed: int = 0,
+    sink: bool = False,
+    reparam_hidden: int = 0,
+    rms_scaled: bool = False,
+):
+    """A ReasonCache to start training from.
+
+    ``init="demonstrations"``: the keys and values of training demonstrations (question
+    and worked answer as plain text, shuffled by ``seed``), cut to ``prefix_len`` tokens.
+    ``examples`` are objects with ``prompt`` and ``completion`` strings
+    (``reasoncache.app.data.Example``); ``tok`` is the model's tokenizer.
+    ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
+    """
+    if init in ("random", "tokens"):
+        return ReasonCache.for_model(
+            model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled
+        )
+    if init != "demonstrations":
+        raise ValueError(f"init must be 'demonstrations', 'random' or 'tokens', got {init!r}")
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    ids: list[int] = []
+    for e in order:
+        ids += tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
+        if len(ids) >= prefix_len:
+            break
+    if len(ids) < prefix_len:
+        raise ValueError(f"the training data has only {len(ids)} tokens; prefix_len={prefix_len} needs more")
+    demo = torch.tensor([ids[:prefix_len]], device=next(model.parameters()).device)
+    return ReasonCache.from_demonstrations(model, demo, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled)

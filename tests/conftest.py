@@ -2,13 +2,24 @@
 freshly allocated kernel outputs are poisoned with NaN so an unwritten element shows."""
 
 import os
+import tempfile
+from pathlib import Path
 
 # Must be set before Triton is imported anywhere.
 if not os.environ.get("REASONCACHE_TEST_ON_GPU"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh compile cache per run: torch's on-disk AOTAutograd/Inductor caches do not key on a
+# custom op's schema, so a graph cached by an older reasoncache could call the op wrongly.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="reasoncache-inductor-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_report_header(config):
+    import reasoncache
+
+    return f"reasoncache {reasoncache.__version__} from {Path(reasoncache.__file__).parent}"
 
 
 def pytest_configure(config):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from reasoncache.reference import prefix_attention_ref
+from reasoncache.ops.reference import prefix_attention_ref
 
 HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (set REASONCACHE_TEST_ON_GPU=1 there)")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import common, kernel
+from reasoncache.bench import common, kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_a_wrong_baseline_is_caught_before_timing(monkeypatch):
 
 
 def test_decode_bench_checks_and_reports_cache_sizes():
-    from bench import decode
+    from reasoncache.bench import decode
 
     rows = decode.run_shape(decode.DecodeShape(3, 16, 8, 4, 2, 16, "fp32"), "cpu", ["torch", "triton"])
     by = {r["method"]: r for r in rows}
@@ -55,7 +55,7 @@ def test_decode_bench_checks_and_reports_cache_sizes():
 
 def test_train_bench_runs_every_method_and_skips_with_reasons(monkeypatch):
     pytest.importorskip("peft")
-    from bench import train
+    from reasoncache.bench import train
 
     monkeypatch.setitem(
         train.CONFIGS,
@@ -81,15 +81,16 @@ def test_train_bench_runs_every_method_and_skips_with_reasons(monkeypatch):
 
 
 def test_every_suite_runs_quick_on_cpu_and_writes_json_and_plots(tmp_path):
-    """`python -m bench {kernel,decode,train} --quick --device cpu --out FILE`, as a user runs
-    it (a subprocess without the test suite's TRITON_INTERPRET): CI's smoke test."""
+    """`reasoncache bench {kernel,decode,train} --quick --device cpu --out FILE`, as a user runs
+    it (a subprocess without the test suite's TRITON_INTERPRET, outside the checkout, so it
+    runs the installed package): CI's smoke test."""
     pytest.importorskip("peft")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for suite in ("kernel", "decode", "train"):
         out = tmp_path / f"{suite}.json"
         res = subprocess.run(
-            [sys.executable, "-m", "bench", suite, "--quick", "--device", "cpu", "--out", str(out)],
-            cwd=ROOT,
+            [sys.executable, "-m", "reasoncache", "bench", suite, "--quick", "--device", "cpu", "--out", str(out)],
+            cwd=tmp_path,
             env=env,
             capture_output=True,
             text=True,
@@ -102,7 +103,7 @@ def test_every_suite_runs_quick_on_cpu_and_writes_json_and_plots(tmp_path):
 
 
 def test_quality_table_aggregates_seeds_and_the_committed_study_has_three_per_variant():
-    from bench import quality
+    from reasoncache.bench import quality
 
     rows = [
         {"task": "t", "variant": "v", "config": {"kind": "prefix", "lr": 0.03}, "seed": s, "steps": 100,
@@ -111,9 +112,26 @@ def test_quality_table_aggregates_seeds_and_the_committed_study_has_three_per_va
     ]  # fmt: skip
     line = quality.table(rows).splitlines()[-1]
     assert "| t (100 steps) | v | lr=0.03 | 10 | 2 | 0.600 ± 0.141 | 0.50-0.70 | 0.300 |" == line
-    study = [json.loads(x) for x in quality.DEFAULT_OUT.read_text().splitlines() if x.strip()]
+    study = [json.loads(x) for x in (ROOT / quality.DEFAULT_OUT).read_text().splitlines() if x.strip()]
     per = {}
     for r in study:
         per.setdefault((r["task"], r["variant"]), set()).add(r["seed"])
         assert r["variant"] in quality.VARIANTS and 0 <= r["accuracy"] <= 1
     assert per and all(seeds == {0, 1, 2} for seeds in per.values())
+
+
+def test_bench_without_the_demo_extra_says_which_package_is_missing(tmp_path, monkeypatch, capsys):
+    """Without matplotlib a plot is skipped with one line naming it; without peft, `bench
+    train` refuses the PEFT and LoRA baselines with a message saying how to get them."""
+    from reasoncache.bench import train
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    rows = [{"n": 1, "t": 1.0, "m": "a"}, {"n": 2, "t": 2.0, "m": "a"}]
+    common.plot_lines(rows, "n", "t", "m", tmp_path / "p.png", "title", "x", "y")
+    assert "matplotlib draws it (pip install 'reasoncache[demo]')" in capsys.readouterr().out
+    assert not (tmp_path / "p.png").exists()
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(SystemExit):
+        train.main(["--quick", "--device", "cpu"])
+    assert "need peft: pip install 'reasoncache[demo]'" in capsys.readouterr().err

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from reasoncache.cli import main
-from reasoncache.data import write_jsonl
-from reasoncache.tasks import make_split
+from reasoncache.app.cli import main
+from reasoncache.app.data import write_jsonl
+from reasoncache.app.tasks import make_split
 from tiny_models import save_tiny
 
 

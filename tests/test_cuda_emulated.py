@@ -19,7 +19,7 @@ import torch
 
 import reasoncache
 from helpers import Case, make_inputs, max_err, oracle
-from reasoncache import backends
+from reasoncache.ops import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reasoncache
-from reasoncache import backends
+from reasoncache.ops import backends
 
 # setup.py builds reasoncache._C under exactly these conditions; then it must import.
 BUILDABLE = (

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from reasoncache.data import IGNORE, Example, batch_order, collate, encode, format_prompt, load_jsonl
-from reasoncache.evaluate import extract_answer, normalize
-from reasoncache.tasks import make_split
+from reasoncache.app.data import IGNORE, Example, batch_order, collate, encode, format_prompt, load_jsonl
+from reasoncache.app.evaluate import extract_answer, normalize
+from reasoncache.app.tasks import make_split
 from tiny_models import tiny_tokenizer
 
 

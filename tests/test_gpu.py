@@ -27,7 +27,7 @@ BACKENDS = ["triton", "cuda"]
 
 def _skip_unsupported(backend, case):
     if backend == "cuda":
-        from reasoncache import backends
+        from reasoncache.ops import backends
 
         reasons = backends._cuda_reasons(torch.empty(1, 1, 1, case.D, dtype=torch.float16, device="cuda"))
         if reasons:
@@ -90,6 +90,6 @@ def test_backward_bitwise_deterministic_on_gpu(backend):
 
 def test_auto_picks_triton_on_cuda():
     tensors, _ = make_inputs(Case(B=1, Hq=2, Hkv=1, Nq=8, Nk=8, P=2, D=64), dtype=torch.float16, device="cuda")
-    from reasoncache import backends
+    from reasoncache.ops import backends
 
     assert backends.resolve("auto", tensors[0])[0].name == "triton"

@@ -73,7 +73,7 @@ def test_gradient_checkpointing_gives_the_same_prefix_gradient(arch):
     model(ids, labels=ids).loss.backward()
     plain = cache.keys.grad.clone()
     cache.zero_grad()
-    from reasoncache.trainer import enable_checkpointing
+    from reasoncache.app.trainer import enable_checkpointing
 
     enable_checkpointing(model)
     model(ids, labels=ids).loss.backward()

@@ -10,7 +10,7 @@ import torch
 
 import reasoncache
 from helpers import Case, make_inputs, max_err, oracle
-from reasoncache import backends
+from reasoncache.ops import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,6 +167,7 @@ def test_auto_falls_back_to_reference_with_a_warning_when_a_kernel_fails(monkeyp
         raise RuntimeError("PTX assembly failed")
 
     monkeypatch.setattr(triton_backend, "fwd", broken)
+    monkeypatch.setattr(triton_backend, "bwd", broken)
     monkeypatch.setattr(backends, "_failed_auto", set())
     with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
         out = reasoncache.prefix_attention(*tensors)
@@ -175,8 +176,24 @@ def test_auto_falls_back_to_reference_with_a_warning_when_a_kernel_fails(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # remembered: no second failure, no second warning
         reasoncache.prefix_attention(*tensors)
+        out.sum().backward()  # the forward ran the reference, so the backward does too
     with pytest.raises(RuntimeError, match="PTX"):
         reasoncache.prefix_attention(*tensors, backend="triton")
+
+
+def test_backward_runs_the_backend_that_ran_the_forward(monkeypatch):
+    """The backward does not choose again: the environment changing in between, as here,
+    must not send the gradients of a Triton forward through another backend."""
+    tensors, _ = make_inputs(Case(Nq=5, Nk=5, P=2, D=8))
+    monkeypatch.setenv("REASONCACHE_BACKEND", "triton")
+    out = reasoncache.prefix_attention(*tensors)
+    monkeypatch.delenv("REASONCACHE_BACKEND")
+    ran = []
+    for name in ("torch", "triton"):
+        b = backends._BACKENDS[name]
+        monkeypatch.setattr(b, "bwd", lambda *a, _real=b.bwd, _name=name: ran.append(_name) or _real(*a))
+    out.sum().backward()
+    assert ran == ["triton"]
 
 
 # ------------------------------------------------------------------ bad input
@@ -245,17 +262,23 @@ def test_bad_scalars():
 
 
 def test_kernels_never_import_as_a_top_level_module():
-    """From the repository root, `kernels` is findable; it must stay an empty stub that
-    transformers does not mistake for the Hugging Face hub-kernels package."""
+    """From the repository root `kernels` is findable, but only as an empty namespace (no
+    __init__.py) that transformers does not mistake for the Hugging Face hub-kernels
+    package; its modules refuse to load under any name but reasoncache.kernels."""
     code = (
         "import kernels\n"
-        "assert not hasattr(kernels, 'prefix_attention_fwd') and kernels.__file__ is None\n"
+        "assert kernels.__file__ is None and not hasattr(kernels, 'fwd'), kernels\n"
         "from transformers.utils import is_kernels_available\n"
         "print('hub kernels available:', is_kernels_available())\n"
-        "import reasoncache._kernels as rk\n"
-        "print(rk.kernels.__name__, callable(rk.kernels.prefix_attention_fwd))\n"
+        "try:\n"
+        "    import kernels.fwd\n"
+        "except ImportError as e:\n"
+        "    print('refused:', e)\n"
+        "import reasoncache.kernels.fwd as f\n"
+        "print(f.__name__, callable(f.prefix_attention_fwd))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "hub kernels available: False" in res.stdout
-    assert "reasoncache.kernels True" in res.stdout
+    assert "refused: the Triton kernels are reasoncache.kernels" in res.stdout
+    assert "reasoncache.kernels.fwd True" in res.stdout

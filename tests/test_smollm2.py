@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from reasoncache.models import default_gguf_path, load_model
+    from reasoncache.app.models import default_gguf_path, load_model
 
     try:
         default_gguf_path()

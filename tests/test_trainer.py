@@ -8,8 +8,9 @@ import torch
 import torch.multiprocessing as mp
 
 import reasoncache
-from reasoncache.tasks import make_split
-from reasoncache.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, build_cache, lr_multiplier
+from reasoncache import build_cache
+from reasoncache.app.tasks import make_split
+from reasoncache.app.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, lr_multiplier
 from tiny_models import tiny_model, tiny_tokenizer
 
 

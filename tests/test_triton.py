@@ -85,14 +85,15 @@ def test_backward_is_bitwise_deterministic():
 @pytest.mark.parametrize("splits", [1, 3])
 def test_prefix_gradient_split_count_only_changes_rounding(splits):
     """The batch-summed prefix gradient is the same whatever the number of partial sums."""
-    from reasoncache._kernels import kernels
+    from reasoncache.kernels.bwd import prefix_attention_bwd
+    from reasoncache.kernels.fwd import prefix_attention_fwd
 
     case = Case(B=3, Nq=20, Nk=20, P=17)
     tensors, _ = make_inputs(case)
     q, k, v, pk, pv = [t.detach() for t in tensors]
-    out, lse = kernels.prefix_attention_fwd(q, k, v, pk, pv, None, True, case.D**-0.5)
+    out, lse = prefix_attention_fwd(q, k, v, pk, pv, None, True, case.D**-0.5)
     dout = torch.randn_like(out)
-    grads = kernels.prefix_attention_bwd(dout, None, q, k, v, pk, pv, None, out, lse, True, case.D**-0.5, splits=splits)
+    grads = prefix_attention_bwd(dout, None, q, k, v, pk, pv, None, out, lse, True, case.D**-0.5, splits=splits)
     _, _, ref = oracle(tensors, None, dout, torch.zeros_like(lse), True)
     assert max_err(grads[3], ref[3]) < 2e-5 and max_err(grads[4], ref[4]) < 2e-5
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import prefix_attention
-from ..reference import causal_visibility
+from ..ops import prefix_attention
+from ..ops.reference import causal_visibility
 
 NAME = "reasoncache"
 

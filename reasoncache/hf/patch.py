@@ -60,11 +60,20 @@ def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
     attention implementation to reasoncache's and returns the same model object.
     ``cache=None`` routes attention through the fused op with an empty prefix.
     Calling it on a patched model replaces the previous cache.
-    """
-    from ..cache import ReasonCache
 
-    if cache is not None and not isinstance(cache, ReasonCache):
-        raise TypeError(f"cache must be a reasoncache.ReasonCache or None, got {type(cache).__name__}")
+    ``cache`` is a ``reasoncache.ReasonCache``, or any ``nn.Module`` with its interface:
+    ``layer(i) -> (prefix_k, prefix_v)``, each ``[Hkv, P, D]``, ``check_compatible(model)`` and
+    optionally ``position_offset`` (this layer sits below the cache, so it checks the
+    interface, not the class).
+    """
+    methods = ("layer", "check_compatible")
+    if cache is not None and not (
+        isinstance(cache, nn.Module) and all(callable(getattr(cache, m, None)) for m in methods)
+    ):
+        raise TypeError(
+            f"cache must be a reasoncache.ReasonCache (a module with layer() and check_compatible()) or None, "
+            f"got {type(cache).__name__}"
+        )
     mods = _check_supported(model)
     if getattr(model, _STATE, None) is not None:
         unpatch(model)
@@ -84,11 +93,10 @@ def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
             cache.to(param.device)
         model.add_module("reasoncache", cache)
         cache.train(model.training)
-        if cache.position_offset:
+        offset = getattr(cache, "position_offset", 0)
+        if offset:
             state["hooks"].append(
-                _base_model(model).register_forward_pre_hook(
-                    _position_offset_hook(cache.position_offset), with_kwargs=True
-                )
+                _base_model(model).register_forward_pre_hook(_position_offset_hook(offset), with_kwargs=True)
             )
     for m in mods:
         object.__setattr__(m, "_rc_cache", cache)

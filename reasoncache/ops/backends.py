@@ -58,7 +58,7 @@ def _torch_bwd(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale, window
 @functools.cache
 def _triton_import_error() -> str | None:
     try:
-        from . import _kernels  # noqa: F401
+        from ..kernels import bwd, fwd  # noqa: F401
     except Exception as e:  # ImportError, or a Triton too old for our kernels
         return f"Triton kernels failed to import ({type(e).__name__}: {e})"
     return None
@@ -81,15 +81,15 @@ def _triton_reasons(q: Tensor) -> list[str]:
 
 
 def _triton_fwd(*args):
-    from ._kernels import kernels
+    from ..kernels.fwd import prefix_attention_fwd
 
-    return kernels.prefix_attention_fwd(*args)
+    return prefix_attention_fwd(*args)
 
 
 def _triton_bwd(*args):
-    from ._kernels import kernels
+    from ..kernels.bwd import prefix_attention_bwd
 
-    return kernels.prefix_attention_bwd(*args)
+    return prefix_attention_bwd(*args)
 
 
 # ---------------------------------------------------------------- cuda
@@ -106,7 +106,7 @@ def cuda_extension():
     """The compiled ``reasoncache._C`` module, imported on first use. Raises ImportError
     saying how to build it when it is missing."""
     try:
-        from . import _C
+        from .. import _C
     except ImportError as e:
         raise ImportError(f"reasoncache._C (the CUDA C++ kernels) is not built: {e}; {CUDA_BUILD_HINT}") from e
     return _C
@@ -206,19 +206,36 @@ def resolve(backend: str, q: Tensor) -> tuple[_Backend, bool]:
     raise BackendUnavailable("no backend can run this input:\n  " + "\n  ".join(all_reasons))
 
 
-def run(which: str, backend: str, q: Tensor, *args):
-    """Run the ``which`` ("fwd" or "bwd") pass on the chosen backend.
+def forward(backend: str, q: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the forward on the backend chosen for ``q``; ``args`` follow q as in the custom op.
+
+    Returns ``out, lse, ran``: ``ran`` is a CPU int64 tensor ``[2]`` holding the index in
+    ``NAMES`` of the backend that actually ran and 1 if it was chosen automatically. The
+    backward reads it (``backward``) and runs that same backend instead of choosing again.
+    """
+    b, auto = resolve(backend, q)
+    (out, lse), b = _call(b, auto, "fwd", q, args)
+    return out, lse, torch.tensor([NAMES.index(b.name), int(auto)])
+
+
+def backward(ran: Tensor, q: Tensor, *args) -> tuple[Tensor, ...]:
+    """Run the backward on the backend the forward recorded in ``ran`` (see ``forward``)."""
+    index, auto = (int(x) for x in ran.tolist())
+    return _call(_BACKENDS[NAMES[index]], bool(auto), "bwd", q, args)[0]
+
+
+def _call(b: _Backend, auto: bool, which: str, q: Tensor, args: tuple):
+    """``b``'s ``which`` ("fwd" or "bwd") pass, and the backend that ran it.
 
     An automatically chosen kernel that fails (a compile error on an unusual GPU) is
     remembered and replaced by the reference, with a warning; an explicitly requested
     backend raises instead.
     """
-    b, auto = resolve(backend, q)
-    fn = b.fwd if which == "fwd" else b.bwd
+    fn = getattr(b, which)
     if not auto or b.name == "torch":
-        return fn(*args)
+        return fn(*args), b
     try:
-        return fn(*args)
+        return fn(*args), b
     except Exception as e:  # noqa: BLE001 - any kernel failure falls back, loudly
         _failed_auto.add((b.name, q.device.type, q.dtype, q.shape[-1]))
         warnings.warn(
@@ -226,6 +243,7 @@ def run(which: str, backend: str, q: Tensor, *args):
             "falling back to the PyTorch reference for this input. Pass backend='torch' to silence, "
             f"or backend='{b.name}' to see the error.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return getattr(_BACKENDS["torch"], which)(*args)
+        torch_backend = _BACKENDS["torch"]
+        return getattr(torch_backend, which)(*args), torch_backend

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cache import CONFIG_NAME
+from ..cache import CONFIG_NAME
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -33,22 +33,24 @@ def _cache_folder(path: str) -> Path:
 
 
 def _load_patched(args):
-    import reasoncache
-    from reasoncache.models import load_model
+    from ..cache import ReasonCache
+    from ..hf import patch
+    from .models import load_model
 
     folder = _cache_folder(args.cache)
     model, tok = load_model(args.model, device=_device(args.device), progress=True)
-    cache = reasoncache.ReasonCache.from_pretrained(folder, model)
-    return reasoncache.patch(model, cache), tok
+    cache = ReasonCache.from_pretrained(folder, model)
+    return patch(model, cache), tok
 
 
 def cmd_train(args) -> int:
     import torch
 
-    import reasoncache
-    from reasoncache.data import load_jsonl
-    from reasoncache.models import load_model
-    from reasoncache.trainer import TrainConfig, Trainer, build_cache, world
+    from ..cache import build_cache
+    from ..hf import patch
+    from .data import load_jsonl
+    from .models import load_model
+    from .trainer import TrainConfig, Trainer, world
 
     train = load_jsonl(args.data)
     evals = load_jsonl(args.eval_data) if args.eval_data else None
@@ -88,7 +90,7 @@ def cmd_train(args) -> int:
         reparam_hidden=args.reparam_hidden,
         rms_scaled=args.rms_scaled,
     )
-    reasoncache.patch(model, cache)
+    patch(model, cache)
     if rank == 0:
         print(
             f"training {cache.num_trainable_parameters():,} prefix parameters ({cache.extra_repr()}) on "
@@ -109,8 +111,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from reasoncache.data import load_jsonl
-    from reasoncache.evaluate import evaluate
+    from .data import load_jsonl
+    from .evaluate import evaluate
 
     data = load_jsonl(args.data)
     model, tok = _load_patched(args)
@@ -131,8 +133,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from reasoncache.data import format_prompt
-    from reasoncache.evaluate import generate
+    from .data import format_prompt
+    from .evaluate import generate
 
     model, tok = _load_patched(args)
     text = format_prompt(tok, args.prompt, not args.no_chat_template)
@@ -141,19 +143,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from reasoncache.demo import run_demo
+    from .demo import run_demo
 
     run_demo(model_path=args.model, out=args.out, steps=args.steps, device=_device(args.device), quick=args.quick)
     return 0
 
 
 def cmd_bench(args) -> int:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "bench" / "__main__.py").is_file():
-        raise FileNotFoundError("reasoncache bench runs the bench/ folder of a source checkout; clone the repository")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench.__main__ import main as bench_main
+    from ..bench.__main__ import main as bench_main
 
     return bench_main([args.suite, *args.rest])
 

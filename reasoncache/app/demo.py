@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
+from ..cache import build_cache
+from ..hf import patch, unpatch
+from .baselines import matched_lora
 from .evaluate import evaluate
-from .hf import patch, unpatch
 from .models import load_model
 from .tasks import make_split
-from .trainer import TrainConfig, Trainer, build_cache
+from .trainer import TrainConfig, Trainer
 
 DEFAULTS = dict(
     task="arithmetic",
@@ -38,29 +41,14 @@ DEFAULTS = dict(
 )
 
 
-def lora_rank_for(model, target_params: int, modules=("q_proj", "v_proj")) -> int:
-    """The LoRA rank on ``modules`` whose parameter count is closest to ``target_params``."""
-    per_rank = 0
-    for name, m in model.named_modules():
-        if name.split(".")[-1] in modules and isinstance(m, torch.nn.Linear):
-            per_rank += m.in_features + m.out_features
-    if per_rank == 0:
-        raise ValueError(f"the model has no {modules} linear layers for LoRA")
-    return max(1, round(target_params / per_rank))
+def _row(method: str, res: dict, curve: list, params: int = 0, train_s: float = 0.0, **extra) -> dict:
+    """One line of the results table from an ``evaluate`` result."""
+    keep = {k: res[k] for k in ("accuracy", "n", "prompt_tokens")}
+    return {"method": method, **keep, "trainable_params": params, "train_s": train_s, "curve": curve, **extra}
 
 
-def matched_lora(model, target_params: int, modules=("q_proj", "v_proj")):
-    """``model`` wrapped with LoRA on ``modules`` at the rank whose parameter count is
-    closest to ``target_params`` (alpha = 2 * rank, no dropout): the demo's and the
-    benchmarks' equal-parameter baseline. Returns (peft model, rank, trainable params)."""
-    from peft import LoraConfig, get_peft_model
-
-    r = lora_rank_for(model, target_params, modules)
-    net = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(modules)))
-    return net, r, sum(p.numel() for p in net.parameters() if p.requires_grad)
-
-
-def _train_and_eval(model, tok, train, test, cfg: TrainConfig, out: Path, label: str) -> dict:
+def _train_and_eval(model, tok, train, test, cfg: TrainConfig, out: Path, method: str, params: int, **extra) -> dict:
+    """Train ``model``'s trainable parameters, evaluate on ``test`` and return its row."""
     trainer = Trainer(model, tok, train, cfg, out, eval_examples=test)
     t0 = time.time()
     history = trainer.train()
@@ -69,8 +57,8 @@ def _train_and_eval(model, tok, train, test, cfg: TrainConfig, out: Path, label:
     res = evaluate(model, tok, test, max_new_tokens=cfg.max_new_tokens, progress=True)
     curve = [(r["examples_seen"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
     curve.append((cfg.steps * cfg.batch_size, res["accuracy"]))
-    print(f"{label}: accuracy {res['accuracy']:.2f} after {cfg.steps} steps ({train_s:.0f} s)", flush=True)
-    return {"result": res, "train_s": train_s, "curve": curve}
+    print(f"{method}: accuracy {res['accuracy']:.2f} after {cfg.steps} steps ({train_s:.0f} s)", flush=True)
+    return _row(method, res, curve, params, train_s, **extra)
 
 
 def run_demo(
@@ -94,25 +82,14 @@ def run_demo(
     model, tok = load_model(model_path, device=device, progress=True)
     n_train = steps * o["batch_size"]
     train, test = make_split(o["task"], n_train, o["n_test"], o["seed"])
-    gen = dict(max_new_tokens=o["max_new_tokens"], progress=True)
     rows = []
 
     # 1) zero-shot and k-shot in-context learning
     for k in (0, o["shots"]):
         t0 = time.time()
-        res = evaluate(model, tok, test, shots=train[:k], **gen)
-        rows.append(
-            {
-                "method": "zero-shot" if k == 0 else f"{k}-shot ICL",
-                "accuracy": res["accuracy"],
-                "n": res["n"],
-                "trainable_params": 0,
-                "prompt_tokens": res["prompt_tokens"],
-                "train_s": 0.0,
-                "eval_s": time.time() - t0,
-                "curve": [(k, res["accuracy"])],
-            }
-        )
+        res = evaluate(model, tok, test, shots=train[:k], max_new_tokens=o["max_new_tokens"], progress=True)
+        method = "zero-shot" if k == 0 else f"{k}-shot ICL"
+        rows.append(_row(method, res, [(k, res["accuracy"])], eval_s=time.time() - t0))
         print(f"{rows[-1]['method']}: accuracy {res['accuracy']:.2f}", flush=True)
 
     every = max(1, steps // o["curve_points"])
@@ -122,7 +99,7 @@ def run_demo(
         seed=o["seed"],
         max_new_tokens=o["max_new_tokens"],
         eval_steps=list(range(0, steps, every)),
-        eval_at_end=False,  # the full final evaluation below is the curve's last point
+        eval_at_end=False,  # the full final evaluation is the curve's last point
         eval_limit=o["curve_n"],
         checkpoint_every=steps,
     )
@@ -130,41 +107,20 @@ def run_demo(
     # 2) ReasonCACHE: a learned prefix, initialised from demonstrations
     cache = build_cache(model, tok, train, o["prefix_len"], "demonstrations", seed=o["seed"])
     patch(model, cache)
-    rc = _train_and_eval(
-        model, tok, train, test, TrainConfig(lr=o["prefix_lr"], **cfg), outdir / "reasoncache", "ReasonCACHE"
-    )
-    cache.save_pretrained(outdir / "reasoncache" / "cache")
     n_rc = cache.num_trainable_parameters()
-    res = rc["result"]
     rows.append(
-        {
-            "method": f"ReasonCACHE (P={o['prefix_len']})",
-            "accuracy": res["accuracy"],
-            "n": res["n"],
-            "trainable_params": n_rc,
-            "prefix_positions": o["prefix_len"],
-            "prompt_tokens": res["prompt_tokens"],
-            "train_s": rc["train_s"],
-            "curve": rc["curve"],
-        }
-    )
+        _train_and_eval(
+            model, tok, train, test, TrainConfig(lr=o["prefix_lr"], **cfg), outdir / "reasoncache",
+            f"ReasonCACHE (P={o['prefix_len']})", n_rc, prefix_positions=o["prefix_len"],
+        )
+    )  # fmt: skip
+    cache.save_pretrained(outdir / "reasoncache" / "cache")
     unpatch(model)
 
     # 3) LoRA with about the same number of trainable parameters, same data and steps
     lora, r, n_lora = matched_lora(model, n_rc)
-    lo = _train_and_eval(lora, tok, train, test, TrainConfig(lr=o["lora_lr"], **cfg), outdir / "lora", f"LoRA r={r}")
-    res = lo["result"]
-    rows.append(
-        {
-            "method": f"LoRA (r={r}, q,v)",
-            "accuracy": res["accuracy"],
-            "n": res["n"],
-            "trainable_params": n_lora,
-            "prompt_tokens": res["prompt_tokens"],
-            "train_s": lo["train_s"],
-            "curve": lo["curve"],
-        }
-    )
+    cfg_lora = TrainConfig(lr=o["lora_lr"], **cfg)
+    rows.append(_train_and_eval(lora, tok, train, test, cfg_lora, outdir / "lora", f"LoRA (r={r}, q,v)", n_lora))
 
     total_s = time.time() - t_start
     summary = {
@@ -201,8 +157,6 @@ def _environment(device: str) -> dict:
     import subprocess
 
     import transformers
-
-    from . import __version__
 
     try:
         commit = (
@@ -269,4 +223,4 @@ def plot_curves(rows: list[dict], path: Path, task: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["run_demo", "render_table", "plot_curves", "lora_rank_for", "matched_lora"]
+__all__ = ["run_demo", "render_table", "plot_curves"]

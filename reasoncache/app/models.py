@@ -44,21 +44,21 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    local = {"local_files_only": True}  # never reach a hub, without changing the process's settings
     path = default_gguf_path() if model is None else Path(model)
     if not path.exists():
         raise FileNotFoundError(f"--model {path}: no such file or folder (expected an HF folder or a .gguf file)")
     if path.is_dir():
-        tok = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path, **local)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **local)
     elif path.suffix == ".gguf":
         stat = path.stat()
         converted = cache_dir() / "converted" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         if not (converted / "config.json").is_file():
             if progress:
                 print(f"converting {path.name} once (dequantizing; later runs load {converted})", flush=True)
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **local)
+            net = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **local)
             # The weights are already dequantized to fp32; drop the GGUF "quantizer" marker
             # that stops save_pretrained.
             net.hf_quantizer = None
@@ -68,8 +68,8 @@ def load_model(
             net.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             tmp.rename(converted)
-        tok = AutoTokenizer.from_pretrained(converted)
-        net = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(converted, **local)
+        net = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, **local)
     else:
         raise ValueError(f"--model {path}: expected an HF model folder or a .gguf file")
     if tok.pad_token is None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .op import prefix_attention_fwd
+from .custom_op import prefix_attention_fwd
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -113,5 +113,5 @@ def prefix_attention(
     name = backends.check_name(backend)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     window = sliding_window or 0
-    out, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, window, name)
+    out, lse, _ = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, window, name)
     return (out, lse) if return_lse else out
