@@ -10,7 +10,8 @@ which transformers does not take for the Hugging Face hub-kernels package.
 The CUDA C++ kernels in ``csrc/`` are built as ``reasoncache._C`` (torch cpp_extension,
 ninja, pybind11) whenever nvcc and a CUDA build of torch are present. Environment:
   REASONCACHE_SKIP_CUDA_BUILD=1  skip it (the Triton and PyTorch backends still work)
-  TORCH_CUDA_ARCH_LIST           GPU architectures (default "8.0;9.0": A100, H100)
+  TORCH_CUDA_ARCH_LIST           GPU architectures (default "8.0;9.0+PTX": A100, H100, and PTX that
+                                 newer GPUs compile at load time)
   MAX_JOBS                       parallel compile jobs (ninja)
   CUDA_HOME                      the CUDA toolkit (default: found from nvcc on the PATH)
   REASONCACHE_PTXAS_VERBOSE=1    print each kernel's registers, spills and shared memory
@@ -70,7 +71,7 @@ def _cuda_extension():
         print(f"reasoncache: {why}; not building reasoncache._C (Triton and PyTorch backends only)", file=sys.stderr)
         return [], {}
     os.environ["CUDA_HOME"] = home  # read by cpp_extension at import
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # no GPU to detect on a build machine
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # no GPU to detect on a build machine
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     # CUDA 13 wheels of torch ship some toolkit headers (cusparse.h, ...) under nvidia/cu13.

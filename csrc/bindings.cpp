@@ -23,6 +23,8 @@
 namespace reasoncache {
 void launch_attend(const FwdParams& p, int dtype, bool out_fp32, int D, int problems, int splits);
 void launch_bwd(const BwdParams& p, int dtype, int D);
+size_t attend_smem_bytes(int dtype, int D);
+size_t bwd_smem_bytes(int dtype, int D);
 }  // namespace reasoncache
 
 namespace {
@@ -284,4 +286,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("prefix_k"),
         py::arg("prefix_v"), py::arg("key_padding_mask"), py::arg("out"), py::arg("lse"), py::arg("causal"),
         py::arg("softmax_scale"), py::arg("sliding_window"));
+  m.def(
+      "smem_bytes",
+      [](const std::string& kernel, bool bf16, int64_t head_dim) -> int64_t {
+        TORCH_CHECK_VALUE(kernel == "fwd" || kernel == "bwd", "kernel must be 'fwd' or 'bwd', got '", kernel, "'");
+        const int code = bf16 ? 1 : 0;
+        return int64_t(kernel == "fwd" ? rc::attend_smem_bytes(code, int(head_dim)) : rc::bwd_smem_bytes(code, int(head_dim)));
+      },
+      "bytes of dynamic shared memory one block of the 'fwd' (forward and decode) or 'bwd' kernels needs for "
+      "bf16 (else fp16) at head_dim; 0 where there is no kernel",
+      py::arg("kernel"), py::arg("bf16"), py::arg("head_dim"));
 }

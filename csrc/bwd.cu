@@ -271,4 +271,13 @@ void launch_bwd(const BwdParams& p, int dtype, int D) {
   else TORCH_CHECK(false, "reasoncache: no backward kernel for dtype code ", dtype, " and head dim ", D);
 }
 
+// Dynamic shared memory one backward block needs (0 for an unsupported combination).
+size_t bwd_smem_bytes(int dtype, int D) {
+  if (dtype == 0 && D == 64) return BwdSmem<half, 64>::kBytes;
+  if (dtype == 0 && D == 128) return BwdSmem<half, 128>::kBytes;
+  if (dtype == 1 && D == 64) return BwdSmem<__nv_bfloat16, 64>::kBytes;
+  if (dtype == 1 && D == 128) return BwdSmem<__nv_bfloat16, 128>::kBytes;
+  return 0;
+}
+
 }  // namespace reasoncache

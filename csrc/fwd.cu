@@ -185,4 +185,13 @@ void launch_attend(const FwdParams& p, int dtype, bool out_fp32, int D, int prob
 #undef RC_DISPATCH
 }
 
+// Dynamic shared memory one forward/decode block needs (0 for an unsupported combination).
+size_t attend_smem_bytes(int dtype, int D) {
+  if (dtype == 0 && D == 64) return AttendSmem<half, 64>::kBytes;
+  if (dtype == 0 && D == 128) return AttendSmem<half, 128>::kBytes;
+  if (dtype == 1 && D == 64) return AttendSmem<__nv_bfloat16, 64>::kBytes;
+  if (dtype == 1 && D == 128) return AttendSmem<__nv_bfloat16, 128>::kBytes;
+  return 0;
+}
+
 }  // namespace reasoncache

@@ -75,6 +75,11 @@ def _triton_reasons(q: Tensor) -> list[str]:
         reasons.append(f"dtype {q.dtype} is not one of fp16, bf16, fp32")
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         reasons.append("Triton's CPU interpreter computes bf16 tl.dot wrongly (triton-lang/triton#11584)")
+    if q.dtype == torch.float32 and q.device.type == "cuda":
+        reasons.append(
+            "fp32 has no tensor-core path in the Triton kernels (true fp32 dots spill heavily and take minutes to "
+            "compile per config); the torch backend runs it"
+        )
     if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} > {_MAX_KERNEL_HEAD_DIM}")
     return reasons
@@ -112,16 +117,39 @@ def cuda_extension():
     return _C
 
 
+def cuda_smem_reason(device_name: str, smem_optin: int, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the CUDA kernels cannot launch on a GPU that allows ``smem_optin`` bytes of shared
+    memory per block (``sharedMemPerBlockOptin``), or None when the forward and backward fit."""
+    C = cuda_extension()
+    need = {k: C.smem_bytes(k, dtype == torch.bfloat16, head_dim) for k in ("fwd", "bwd")}
+    over = {k: n for k, n in need.items() if n > smem_optin}
+    if not over:
+        return None
+    wants = ", ".join(f"{k} {n / 1024:.2f} KiB" for k, n in over.items())
+    return (
+        f"{device_name} allows {smem_optin / 1024:.0f} KiB of shared memory per block, and the CUDA kernels for "
+        f"{dtype} head dim {head_dim} need more ({wants}); use backend='triton' or 'torch'"
+    )
+
+
 def _cuda_reasons(q: Tensor) -> list[str]:
     reasons = []
     try:
         cuda_extension()
+        built = True
     except ImportError as e:
         reasons.append(str(e))
+        built = False
+    supported = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in _CUDA_HEAD_DIMS
     if q.device.type != "cuda":
         reasons.append(f"tensors are on {q.device}; the CUDA kernels need a CUDA device")
     elif torch.cuda.get_device_capability(q.device) < (8, 0):
         reasons.append(f"{torch.cuda.get_device_name(q.device)} is below compute capability 8.0")
+    elif built and supported:
+        props = torch.cuda.get_device_properties(q.device)
+        why = cuda_smem_reason(props.name, props.shared_memory_per_block_optin, q.dtype, q.shape[-1])
+        if why:
+            reasons.append(why)
     if q.dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"dtype {q.dtype} is not fp16 or bf16 (the CUDA kernels run on tensor cores)")
     if q.shape[-1] not in _CUDA_HEAD_DIMS:
