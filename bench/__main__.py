@@ -1,10 +1,16 @@
-"""``python -m bench {kernel|decode|train|quality} ...``; ``--help`` after a suite lists its options."""
+"""``python -m bench {kernel|decode|train|quality|audit} ...``; ``--help`` after a suite lists its options."""
 
 import sys
 
-from . import decode, kernel, quality, train
+from . import audit, decode, kernel, quality, train
 
-SUITES = {"kernel": kernel.main, "decode": decode.main, "train": train.main, "quality": quality.main}
+SUITES = {
+    "kernel": kernel.main,
+    "decode": decode.main,
+    "train": train.main,
+    "quality": quality.main,
+    "audit": audit.main,
+}
 
 
 def main(argv: list[str]) -> int:
@@ -13,8 +19,8 @@ def main(argv: list[str]) -> int:
             f"usage: python -m bench {{{'|'.join(SUITES)}}} [--quick] [--device cpu|cuda] [--out FILE]", file=sys.stderr
         )
         return 2
-    SUITES[argv[0]](argv[1:])
-    return 0
+    rc = SUITES[argv[0]](argv[1:])  # the audit returns an exit status; the others their rows
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, bwd_configs, dot_precision, interpreting, launch_meta, own_visible
+from .utils import (
+    DKDV_SPACE,
+    DQ_SPACE,
+    LOG2E,
+    configs,
+    dot_precision,
+    dprefix_tile,
+    interpreting,
+    launch_meta,
+    own_visible,
+    pruner,
+    tune_bucket,
+)
 
 
 @triton.jit
@@ -33,7 +45,7 @@ def _bwd_preprocess(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
+    b = (tl.program_id(1) // H).to(tl.int64)  # 64-bit batch offsets
     h = tl.program_id(1) % H
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -104,12 +116,13 @@ def _bwd_dkdv_kernel(
     stride_mb, stride_mn,
     stride_gb, stride_gh, stride_gn, stride_gd,
     H_KV, N_Q, N_K, WINDOW, qk_scale, sm_scale,
+    TUNE_ROWS, TUNE_NK,  # size classes for the autotune key only (utils.tune_bucket)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    b = tl.program_id(1) // H_KV
+    b = (tl.program_id(1) // H_KV).to(tl.int64)  # 64-bit batch offsets
     hk = tl.program_id(1) % H_KV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N_K
@@ -180,12 +193,13 @@ def _bwd_dq_kernel(
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H_KV, N_Q, N_K, P, WINDOW, qk_scale, sm_scale,
+    TUNE_ROWS, TUNE_NK, TUNE_P,  # size classes for the autotune key only (utils.tune_bucket)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H_KV
+    b = (tl.program_id(1) // H_KV).to(tl.int64)  # 64-bit batch offsets
     hk = tl.program_id(1) % H_KV
     q, do, lse2, delta, qi, h, row_ok = _load_row_tile(
         Q, DO, Lse, Delta, b, hk, pid_m * BLOCK_M,
@@ -245,7 +259,7 @@ def _bwd_dprefix_kernel(
     m_blocks = tl.cdiv(N_Q * GROUP, BLOCK_M)
     units = B * m_blocks
     for u in range(split * units // SPLITS, (split + 1) * units // SPLITS):
-        b = u // m_blocks
+        b = (u // m_blocks).to(tl.int64)  # 64-bit batch offsets
         q, do, lse2, delta, qi, h, row_ok = _load_row_tile(
             Q, DO, Lse, Delta, b, hk, (u % m_blocks) * BLOCK_M,
             stride_qb, stride_qh, stride_qm, stride_qd,
@@ -263,10 +277,20 @@ def _bwd_dprefix_kernel(
     tl.store(DPV + out_off, dpv, mask=mask)
 
 
-_KEY = ["BLOCK_D", "GROUP", "DOT_PRECISION"]
-_dkdv_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY + ["IS_CAUSAL", "HAS_WINDOW"])(_bwd_dkdv_kernel)
-_dq_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY + ["IS_CAUSAL", "HAS_WINDOW"])(_bwd_dq_kernel)
-_dprefix_autotuned = triton.autotune(configs=bwd_configs(), key=_KEY)(_bwd_dprefix_kernel)
+# Tuned per head dim, GQA group, mask kind and size class; pruned to the tiles the static
+# audit clears on this device and the shape needs. The prefix-gradient kernel is not tuned
+# (utils.dprefix_tile), so the prefix gradient's summation order never depends on timing.
+_KEY = ["BLOCK_D", "GROUP", "DOT_PRECISION", "IS_CAUSAL", "HAS_WINDOW", "TUNE_ROWS", "TUNE_NK"]
+_dkdv_autotuned = triton.autotune(
+    configs=configs(DKDV_SPACE),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": pruner(DKDV_SPACE, "BLOCK_N", lambda a, kw: a["N_K"])},
+)(_bwd_dkdv_kernel)
+_dq_autotuned = triton.autotune(
+    configs=configs(DQ_SPACE),
+    key=_KEY + ["TUNE_P"],
+    prune_configs_by={"early_config_prune": pruner(DQ_SPACE, "BLOCK_M", lambda a, kw: a["N_Q"] * kw["GROUP"])},
+)(_bwd_dq_kernel)
 
 
 def _prefix_splits(units: int, p_blocks: int, hkv: int, device: torch.device) -> int:
@@ -334,27 +358,29 @@ def prefix_attention_bwd(
         _dkdv_autotuned[lambda c: (triton.cdiv(Nk, c["BLOCK_N"]), B * Hkv)](
             q, k, v, dout, lse, delta, kpm, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *kpm.stride(), *dk.stride(),
-            Hkv, Nq, Nk, window, qk_scale, softmax_scale,
+            Hkv, Nq, Nk, window, qk_scale, softmax_scale, tune_bucket(Nq * group), tune_bucket(Nk),
             GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=has_kpm, DOT_PRECISION=prec, **meta)
 
     _dq_autotuned[lambda c: (triton.cdiv(Nq * group, c["BLOCK_M"]), B * Hkv)](
         q, k, v, prefix_k, prefix_v, dout, lse, delta, kpm, dq,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         *dout.stride(), *lse.stride(), *kpm.stride(), *dq.stride(),
-        Hkv, Nq, Nk, P, window, qk_scale, softmax_scale,
+        Hkv, Nq, Nk, P, window, qk_scale, softmax_scale, tune_bucket(Nq * group), tune_bucket(Nk), tune_bucket(P),
         GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=has_kpm, DOT_PRECISION=prec, **meta)
 
     if P == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-    # The split count must not depend on the autotuned BLOCK_M, or the summation order
-    # (hence the bits) could change with the chosen config: count units at the smallest tile.
-    units_min = B * triton.cdiv(Nq * group, 16)
-    n_splits = splits or _prefix_splits(units_min, triton.cdiv(P, 64), Hkv, dev)
+    # A fixed tile (never autotuned) and a split count from the shape and the device alone:
+    # the summation order, hence the bits, cannot change with what the autotuner picks.
+    tile = dprefix_tile(meta["BLOCK_D"])
+    p_blocks = triton.cdiv(P, tile.block_n)
+    n_splits = splits or _prefix_splits(B * triton.cdiv(Nq * group, tile.block_m), p_blocks, Hkv, dev)
     part_k = torch.empty((n_splits, Hkv, P, D), dtype=torch.float32, device=dev)
     part_v = torch.empty_like(part_k)
-    _dprefix_autotuned[lambda c: (triton.cdiv(P, c["BLOCK_N"]), Hkv, n_splits)](
+    _bwd_dprefix_kernel[(p_blocks, Hkv, n_splits)](
         q, prefix_k, prefix_v, dout, lse, delta, part_k, part_v,
         *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(), *lse.stride(), *part_k.stride(),
         B, Nq, P, n_splits, qk_scale, softmax_scale,
-        GROUP=group, DOT_PRECISION=prec, **meta)
+        GROUP=group, DOT_PRECISION=prec, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        num_warps=tile.warps, num_stages=tile.stages, **meta)
     return dq, dk, dv, part_k.sum(0).to(prefix_k.dtype), part_v.sum(0).to(prefix_v.dtype)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LN2, LOG2E, dot_precision, fwd_configs, launch_meta, own_visible
+from .utils import FWD_SPACE, LN2, LOG2E, configs, dot_precision, launch_meta, own_visible, pruner, tune_bucket
 
 
 @triton.jit
@@ -69,13 +69,14 @@ def _fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
     H_KV, N_Q, N_K, P, WINDOW, qk_scale,
+    TUNE_ROWS, TUNE_NK, TUNE_P,  # size classes for the autotune key only (utils.tune_bucket)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H_KV
+    b = (pid_bh // H_KV).to(tl.int64)  # 64-bit batch offsets: a batch may hold >= 2^31 elements
     hk = pid_bh % H_KV
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -180,12 +181,17 @@ def prefix_attention_fwd(
         *prefix_k.stride(), *prefix_v.stride(), *kpm.stride(),
         *out.stride(), *lse.stride(),
         Hkv, Nq, Nk, P, window, softmax_scale * LOG2E.value,
+        tune_bucket(Nq * group), tune_bucket(Nk), tune_bucket(P),
         GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
         DOT_PRECISION=dot_precision(q.dtype), **meta,
     )
     return out, lse
 
 
+# Tuned per head dim, GQA group, mask kind and size class of rows (Nq x GROUP), own keys and
+# prefix; pruned to the tiles the static audit clears on this device and the rows need.
 _fwd_autotuned = triton.autotune(
-    configs=fwd_configs(), key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "DOT_PRECISION"]
+    configs=configs(FWD_SPACE),
+    key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "DOT_PRECISION", "TUNE_ROWS", "TUNE_NK", "TUNE_P"],
+    prune_configs_by={"early_config_prune": pruner(FWD_SPACE, "BLOCK_M", lambda a, kw: a["N_Q"] * kw["GROUP"])},
 )(_fwd_kernel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -51,33 +52,104 @@ def launch_meta(q: torch.Tensor) -> dict:
     return {"HEAD_DIM": d, "BLOCK_D": max(16, triton.next_power_of_2(d))}
 
 
-def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+@dataclass(frozen=True)
+class Tile:
+    """One autotune configuration and where it may run: ``fits`` maps the compute-capability
+    major (9: sm_90, 8: sm_80 and the other sm_8x) to the padded head dims at which the static
+    audit (``python -m bench audit``, Triton 3.8) found it free of spills and within that
+    architecture's shared memory. Head dims below 64 count as 64."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    fits: dict
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, self.warps, self.stages)
+
+    def allows(self, major: int, block_d: int) -> bool:
+        return max(64, block_d) in self.fits.get(9 if major == 9 else 8, ())
 
 
-# The interpreter runs one config; small tiles make short test sequences cross several
+_ALL = (64, 128, 256)
+
+# Every list is pruned on the device by ``Tile.allows`` and by what the shape can use
+# (``shape_prune``); on sm_90 8-warp tiles below 128x128 are left out where a 4-warp or a
+# 128x128 tile does the job (the Triton tutorial's Hopper rule), except for D = 256.
+FWD_SPACE = [
+    Tile(128, 128, 8, 3, {9: (64,)}),  # sm_90, D <= 64: the tutorial's headline tile (spills 96 B at D = 128)
+    Tile(128, 64, 8, 3, {9: (64, 128), 8: (64,)}),  # FA2-style default; on sm_80 it spills at D = 128
+    Tile(64, 64, 4, 3, {9: (64, 128)}),  # sm_90: one warpgroup, 64-row tiles for small grids
+    Tile(64, 64, 8, 2, {8: _ALL}),  # sm_80: the 64-row tile that fits every head dim
+    Tile(128, 32, 8, 2, {9: (256,)}),  # sm_90, D = 256: the one 128-row tile without spills
+    Tile(64, 32, 4, 3, {9: (64, 128), 8: (64, 128)}),  # short row counts (decode with a large GROUP)
+    Tile(32, 32, 4, 2, {9: _ALL, 8: _ALL}),  # the fallback that fits everywhere
+    Tile(16, 64, 4, 2, {9: _ALL, 8: _ALL}),  # decode with GROUP <= 16: one tile holds the group
+]
+DKDV_SPACE = [  # BLOCK_N: own keys whose dK, dV stay in registers; BLOCK_M: rows per loop trip
+    Tile(128, 64, 8, 2, {9: (64, 128), 8: (64,)}),  # many rows per key block
+    Tile(64, 64, 8, 2, {9: (64, 128), 8: (64, 128)}),  # 4 warps spill 8 B at D = 128 on both
+    Tile(32, 128, 8, 2, {9: (64, 128)}),  # sm_90: long key blocks
+    Tile(64, 32, 4, 2, {9: (64, 128), 8: (64, 128)}),  # short sequences
+    Tile(128, 32, 8, 2, {9: _ALL, 8: (64, 128)}),  # sm_90, D = 256
+    Tile(16, 32, 4, 2, {9: _ALL, 8: _ALL}),  # the fallback that fits everywhere (sm_80, D = 256)
+]
+DQ_SPACE = [  # BLOCK_M: rows whose dQ stays in registers; BLOCK_N: keys per loop trip
+    Tile(128, 64, 8, 2, {9: (64, 128), 8: (64,)}),
+    Tile(64, 128, 8, 2, {9: (64, 128), 8: (128,)}),
+    Tile(64, 64, 8, 2, {9: (64, 128), 8: _ALL}),
+    Tile(128, 32, 8, 2, {9: _ALL, 8: (64, 128)}),  # sm_90, D = 256
+    Tile(32, 64, 4, 2, {9: (64, 256), 8: _ALL}),  # fallback; on sm_90 at D = 128 it spills 8 B
+    Tile(16, 64, 4, 2, {9: _ALL, 8: _ALL}),  # decode-sized row counts
+]
+
+# The interpreter runs one pinned tile; small tiles make short test sequences cross several
 # tile boundaries (prefix tail, causal diagonal, padding) so every masked path runs.
-_INTERPRETER_CONFIGS = [_cfg(16, 16, 1, 1)]
+_INTERPRETER_TILE = Tile(16, 16, 1, 1, {9: _ALL, 8: _ALL})
 
 
-def fwd_configs() -> list[triton.Config]:
+def configs(space: list[Tile]) -> list[triton.Config]:
+    """The autotune list for ``space``: the pinned tile under the interpreter."""
+    return [_INTERPRETER_TILE.config()] if interpreting() else [t.config() for t in space]
+
+
+def dprefix_tile(block_d: int) -> Tile:
+    """The prefix-gradient kernel's tile. Fixed, never autotuned: the order in which the batch
+    is summed into the prefix gradient depends on it, so a fixed tile makes that gradient
+    bitwise identical across processes whatever the other kernels' autotuner picks."""
     if interpreting():
-        return _INTERPRETER_CONFIGS
-    return [
-        _cfg(128, 64, 8, 3),  # FA2-style default for D <= 128 on A100/H100
-        _cfg(128, 128, 8, 2),  # long sequences, D = 64: fewer loop trips
-        _cfg(64, 64, 4, 3),  # D = 256 (shared memory) and small grids
-        _cfg(64, 32, 4, 2),  # decode / tiny Nq * GROUP: less wasted rows
-        _cfg(16, 64, 4, 2),  # decode with GROUP <= 16: one tile holds the group
-    ]
+        return _INTERPRETER_TILE
+    if block_d <= 128:
+        return Tile(64, 64, 8, 2, {9: (64, 128), 8: (64, 128)})
+    return Tile(16, 32, 4, 2, {9: _ALL, 8: _ALL})
 
 
-def bwd_configs() -> list[triton.Config]:
-    if interpreting():
-        return _INTERPRETER_CONFIGS
-    return [
-        _cfg(64, 64, 4, 2),  # D <= 128: register-resident dK/dV accumulators
-        _cfg(64, 128, 8, 2),  # D = 64, long key blocks
-        _cfg(32, 64, 4, 2),  # D = 256 (register pressure)
-        _cfg(128, 64, 8, 2),  # many rows per key block (large GROUP)
-    ]
+def tune_bucket(n: int) -> int:
+    """Coarse size class for the autotune keys (0, 16, 64, 256, 1024, 4096): a new class
+    tunes again, a new length within one does not. The kernels take these as ``TUNE_*``
+    arguments that only the autotuner reads."""
+    bucket = 0
+    for edge in (16, 64, 256, 1024, 4096):
+        if n > bucket:
+            bucket = edge
+    return bucket
+
+
+def pruner(space: list[Tile], tiled: str, extent):
+    """``early_config_prune`` for a kernel tiled over ``tiled`` ("BLOCK_M" or "BLOCK_N"):
+    keep the tiles the audit allows on this device at this head dim, then those no larger
+    than ``extent(named_args, kwargs)`` (the rows or keys there are) rounded up to a power of
+    two, or else the smallest."""
+    by_key = {(t.block_m, t.block_n, t.warps, t.stages): t for t in space}
+
+    def prune(cfgs, named_args, **kwargs):
+        if interpreting():
+            return cfgs
+        major = torch.cuda.get_device_capability(named_args["Q"].device)[0]
+        tile = lambda c: by_key[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
+        fit = [c for c in cfgs if tile(c).allows(major, kwargs["BLOCK_D"])]
+        need = max(16, triton.next_power_of_2(max(1, extent(named_args, kwargs))))
+        return [c for c in fit if c.kwargs[tiled] <= need] or sorted(fit, key=lambda c: c.kwargs[tiled])[:1]
+
+    return prune

@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a small fast run (smoke test, not the reported numbers)")
     d.set_defaults(fn=cmd_demo)
 
-    b = sub.add_parser("bench", help="benchmarks: kernel, decode or train (same as python -m bench)")
-    b.add_argument("suite", choices=["kernel", "decode", "train"])
+    b = sub.add_parser("bench", help="benchmarks (kernel, decode, train) and the static GPU audit")
+    b.add_argument("suite", choices=["kernel", "decode", "train", "audit"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="[--quick] [--device cpu|cuda] [--out FILE] ...")
     b.set_defaults(fn=cmd_bench)
     return ap
