@@ -1,8 +1,8 @@
-"""``python -m bench {kernel|decode|train|quality|audit} ...``; ``--help`` after a suite lists its options."""
+"""``python -m bench {kernel|decode|train|quality|audit|smoke} ...``; ``--help`` after a suite lists its options."""
 
 import sys
 
-from . import audit, decode, kernel, quality, train
+from . import audit, decode, kernel, quality, smoke, train
 
 SUITES = {
     "kernel": kernel.main,
@@ -10,6 +10,7 @@ SUITES = {
     "train": train.main,
     "quality": quality.main,
     "audit": audit.main,
+    "smoke": smoke.main,
 }
 
 

@@ -14,6 +14,11 @@ Methods:
   hydragen-flex        the Hydragen split with FlexAttention: the prefix as one batch-1 KV
                        against every query of the batch, the own keys causal, merged by
                        log-sum-exp (compiled on CUDA; eager elsewhere)
+  sdpa-flash, sdpa-cudnn  P = 0 only: plain causal SDPA pinned to its flash or cuDNN
+                       backend, the FlashAttention-class anchor for the kernels' own speed
+
+A method that disagrees with the reference, or fails, is recorded as failed and the run
+goes on; with --out the JSON is rewritten after every shape.
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ QUICK_CPU = [Shape(2, 4, 2, 128, 16, 64, "fp32"), Shape(2, 4, 2, 256, 16, 64, "f
 QUICK_CUDA = [Shape(4, 32, 8, 1024, 256, 128)]
 
 
+class MethodUnavailable(RuntimeError):
+    """A baseline that cannot run here (package missing, unsupported shape): skipped, not failed."""
+
+
 def _sdpa_concat(q, k, v, pk, pv, causal, explicit_mask):
     """The baseline: copy the prefix in front of every sequence, then one SDPA call."""
     B, Hq, Nq, D = q.shape
@@ -99,7 +108,7 @@ def _flash_attn_concat(q, k, v, pk, pv, causal):
     try:
         from flash_attn import flash_attn_func
     except ImportError as e:
-        raise RuntimeError("flash-attn is not installed") from e
+        raise MethodUnavailable("flash-attn is not installed") from e
     B = q.shape[0]
     kc = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
     vc = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
@@ -116,7 +125,7 @@ def _hydragen_flex(q, k, v, pk, pv, causal):
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
-        raise RuntimeError("this torch has no FlexAttention") from e
+        raise MethodUnavailable("this torch has no FlexAttention") from e
     B, Hq, Nq, D = q.shape
     Nk = k.shape[2]
     flex = flex_attention
@@ -138,6 +147,23 @@ def _hydragen_flex(q, k, v, pk, pv, causal):
     return o_p * torch.exp(l_p - lse)[..., None].to(o_p.dtype) + o_o * torch.exp(l_o - lse)[..., None].to(o_o.dtype)
 
 
+def _sdpa_pinned(name: str, backend: str):
+    """Plain causal SDPA pinned to one of its backends: the anchor at P = 0."""
+
+    def run(q, k, v, pk, pv, causal):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if pk.shape[1]:
+            raise MethodUnavailable(f"{name} is the P = 0 anchor (plain attention); this shape has a prefix")
+        try:
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        except RuntimeError as e:  # "No available kernel": this device, dtype or torch lacks it
+            raise MethodUnavailable(f"{name}: SDPA's {backend} cannot run this here: {e}") from e
+
+    return run
+
+
 METHODS = {
     "reasoncache-cuda": lambda q, k, v, pk, pv, c: reasoncache.prefix_attention(
         q, k, v, pk, pv, causal=c, backend="cuda"
@@ -152,6 +178,8 @@ METHODS = {
     "sdpa-concat-mask": lambda q, k, v, pk, pv, c: _sdpa_concat(q, k, v, pk, pv, c, explicit_mask=True),
     "flash-attn-concat": _flash_attn_concat,
     "hydragen-flex": _hydragen_flex,
+    "sdpa-flash": _sdpa_pinned("sdpa-flash", "FLASH_ATTENTION"),
+    "sdpa-cudnn": _sdpa_pinned("sdpa-cudnn", "CUDNN_ATTENTION"),
 }
 
 
@@ -194,10 +222,10 @@ def _time_method(fn, tensors, dout, s: Shape, device: str) -> dict:
     out = fn(*tensors, s.causal)
 
     def bwd():
-        return torch.autograd.grad(out, tensors, dout, retain_graph=True)
+        return torch.autograd.grad(out, tensors, dout, retain_graph=True, allow_unused=True)
 
     def fwd_bwd():
-        return torch.autograd.grad(fn(*tensors, s.causal), tensors, dout)
+        return torch.autograd.grad(fn(*tensors, s.causal), tensors, dout, allow_unused=True)  # P = 0: prefix unused
 
     row = {}
     for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
@@ -216,10 +244,11 @@ def run_shape(s: Shape, device: str, methods: list[str]) -> list[dict]:
         row = {**asdict(s), "method": name}
         try:
             row["max_err"] = _check(name, METHODS[name], tensors, s)
-        except (reasoncache.BackendUnavailable, RuntimeError) as e:
-            row["skipped"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        else:
             row.update(_time_method(METHODS[name], tensors, dout, s, device))
+        except (reasoncache.BackendUnavailable, MethodUnavailable, NotImplementedError) as e:  # cannot run here
+            row["skipped"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        except Exception as e:  # noqa: BLE001 - a wrong or crashing method is a result, not the end of the run
+            row["failed"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         rows.append(row)
     base = {r["method"]: r.get("fwd+bwd_ms") for r in rows}
     for r in rows:
@@ -262,16 +291,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for s in shapes:
         rows += run_shape(s, args.device, methods)
+        if args.out:  # after every shape: a run cut short keeps what it measured
+            write_json(args.out, env, rows)
     for r in rows:
         r["heads"] = f"{r['Hq']}/{r['Hkv']}"
     print(
         f"# prefix attention kernels on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
         f"commit {(env['git_commit'] or '?')[:9]})\n"
     )
-    print(markdown_table([r for r in rows if "skipped" not in r], COLUMNS))
+    print(markdown_table([r for r in rows if "skipped" not in r and "failed" not in r], COLUMNS))
     for r in rows:
-        if "skipped" in r:
-            print(f"skipped {r['method']} at B={r['B']} N={r['N']} P={r['P']}: {r['skipped']}")
+        for what in ("failed", "skipped"):
+            if what in r:
+                print(f"{what} {r['method']} at B={r['B']} N={r['N']} P={r['P']} D={r['D']}: {r[what]}")
     if args.out:
         write_json(args.out, env, rows)
         png = str(Path(args.out).with_suffix("")) + "_tflops_vs_n.png"

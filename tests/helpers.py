@@ -10,8 +10,13 @@ import torch
 
 from reasoncache.ops.reference import prefix_attention_ref
 
-HAS_CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (set REASONCACHE_TEST_ON_GPU=1 there)")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available() and not INTERPRETING
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+requires_interpreter = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not INTERPRETING, reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1 (off on a GPU)"),
+]
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def test_a_wrong_baseline_is_caught_before_timing(monkeypatch):
         kernel._check("broken", kernel.METHODS["broken"], tensors, kernel.Shape(1, 2, 1, 8, 2, 16, "fp32"))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs the interpreter")
 def test_decode_bench_checks_and_reports_cache_sizes():
     from reasoncache.bench import decode
 
@@ -135,3 +136,34 @@ def test_bench_without_the_demo_extra_says_which_package_is_missing(tmp_path, mo
     with pytest.raises(SystemExit):
         train.main(["--quick", "--device", "cpu"])
     assert "need peft: pip install 'reasoncache[demo]'" in capsys.readouterr().err
+
+
+def test_a_wrong_method_is_recorded_and_the_run_goes_on(monkeypatch):
+    """On a GPU a never-run kernel may be wrong: the benchmark records it and times the rest."""
+    monkeypatch.setitem(kernel.METHODS, "broken", lambda q, k, v, pk, pv, c: q * 0)
+    rows = kernel.run_shape(kernel.Shape(1, 2, 1, 16, 2, 16, "fp32"), "cpu", ["broken", "sdpa-concat-mask"])
+    assert "disagrees with the reference" in rows[0]["failed"]
+    assert rows[1]["fwd+bwd_ms"] > 0
+
+
+def test_smoke_stage_records_a_failed_item_and_runs_the_next(tmp_path, monkeypatch):
+    from reasoncache.bench import smoke
+
+    out = tmp_path / "smoke.json"
+    assert smoke.main(["--device", "cpu", "--backend", "torch", "--out", str(out)]) == 0
+    items = json.loads(out.read_text())["rows"]
+    assert [i["item"] for i in items][:3] == ["errors", "odd", "decode-before-prefill"]
+    assert all(i["status"] == "ok" for i in items)
+    assert max(v for r in items[1]["rows"] for k, v in r.items() if k.startswith("err_")) < 1e-5
+
+    def broken(*a):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(smoke, "timed_padding_window", broken)
+    assert (
+        smoke.main(["--device", "cpu", "--backend", "torch", "--out", str(out), "--only", "d64-padding-window", "d256"])
+        == 1
+    )
+    items = json.loads(out.read_text())["rows"]
+    assert [(i["item"], i["status"]) for i in items] == [("d64-padding-window", "failed"), ("d256", "ok")]
+    assert "illegal memory access" in items[0]["rows"][0]["error"]

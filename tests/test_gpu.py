@@ -1,7 +1,7 @@
 """Kernels on a real GPU in bf16/fp16 at larger shapes. Skipped without CUDA.
 
-Run on a GPU machine with ``REASONCACHE_TEST_ON_GPU=1 python -m pytest tests/test_gpu.py``
-(that variable keeps conftest from turning on the Triton interpreter).
+On a machine with a CUDA device, plain ``python -m pytest`` runs them (conftest turns the
+Triton interpreter on only where there is no GPU).
 """
 
 import pytest

@@ -9,20 +9,23 @@ import pytest
 import torch
 
 import reasoncache
-from helpers import Case, make_inputs, max_err, oracle
+from helpers import INTERPRETING, Case, make_inputs, max_err, oracle, requires_interpreter
 from reasoncache.ops import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+BACKENDS_HERE = ["torch", pytest.param("triton", marks=requires_interpreter)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_opcheck(backend):
     tensors, mask = make_inputs(Case(B=2, Hq=4, Hkv=2, Nq=7, Nk=9, P=3, D=16, pad="left"))
     args = (*tensors, mask, True, 0.25, 0, backend)
     torch.library.opcheck(torch.ops.reasoncache.prefix_attention_fwd.default, args)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_compile_fullgraph_forward_and_backward(backend):
     case = Case(Nq=9, Nk=9, P=3)
     tensors, _ = make_inputs(case)
@@ -127,6 +130,7 @@ def test_prefix_gradient_is_batch_summed():
 
 
 # ------------------------------------------------------------------ backend choice
+@pytest.mark.skipif(not INTERPRETING, reason="REASONCACHE_BACKEND=triton on CPU tensors needs the interpreter")
 def test_auto_on_cpu_is_the_reference_and_env_overrides(monkeypatch):
     q = torch.randn(1, 2, 3, 8)
     assert backends.resolve("auto", q)[0].name == "torch"
@@ -181,6 +185,7 @@ def test_auto_falls_back_to_reference_with_a_warning_when_a_kernel_fails(monkeyp
         reasoncache.prefix_attention(*tensors, backend="triton")
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="Triton on CPU tensors needs the interpreter")
 def test_backward_runs_the_backend_that_ran_the_forward(monkeypatch):
     """The backward does not choose again: the environment changing in between, as here,
     must not send the gradients of a Triton forward through another backend."""

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import reasoncache
-from helpers import Case, make_inputs, max_err, oracle
+from helpers import Case, make_inputs, max_err, oracle, requires_interpreter
+
+pytestmark = requires_interpreter
 
 CASES = [
     Case(),  # GQA 2, odd lengths, prefix crossing a tile
