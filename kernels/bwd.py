@@ -5,10 +5,13 @@ identical):
 
 1. ``_bwd_preprocess``: ``delta = rowsum(dO * O) - dlse``.
 2. ``_bwd_dkdv_kernel``: one program per (own-key block, batch, KV head) loops over the
-   packed rows (all GROUP query heads) that can see its keys.
+   packed rows (all GROUP query heads) that can see its keys (under a sliding window, only
+   the rows whose window reaches them). Tiles are computed transposed, K and V on the left
+   as in the Triton tutorial, so dV += P^T dO and dK += dS^T Q take P^T and dS^T as they
+   come out of the dot, with no transpose through shared memory.
 3. ``_bwd_dq_kernel``: one program per packed row block sweeps the prefix, then its own keys.
 4. ``_bwd_dprefix_kernel``: one program per (prefix block, KV head, split) loops over
-   its share of every sequence's row blocks, so the prefix gradient is summed over the
+   its share of every sequence's row blocks (transposed tiles, as dK/dV), so the prefix gradient is summed over the
    batch inside the kernel. ``SPLITS`` (fixed by the grid, never by the batch) fp32
    partials are then summed in a fixed order: scratch is ``[SPLITS, Hkv, P, D]``, never
    ``[B, Hkv, P, D]``.
@@ -99,6 +102,17 @@ def _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISIO
 
 
 @triton.jit
+def _probs_and_dscores_t(q, do, lse2, delta, k, v, visible_t, qk_scale, DOT_PRECISION: tl.constexpr):
+    """The same pair transposed: p^T [N, M] and dS^T = p^T * (dP^T - delta), with K and V as
+    the left operands, ready for dV += p^T dO and dK += dS^T Q."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    p_t = tl.where(visible_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    return p_t, ds_t
+
+
+@triton.jit
 def _load_key_tile(K, stride_kn, stride_kd, offs_n, n_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     return tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -136,21 +150,27 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     diag = N_K - N_Q
     row_start = 0
+    row_end = N_Q * GROUP
     if IS_CAUSAL:
         # Query i sees key j iff i >= j - diag: skip row blocks entirely above the diagonal.
         first_q = tl.maximum(pid_n * BLOCK_N - diag, 0)
         row_start = ((first_q * GROUP) // BLOCK_M) * BLOCK_M
-    for start_m in range(row_start, N_Q * GROUP, BLOCK_M):
+    if HAS_WINDOW:
+        # ... and iff i < j - diag + WINDOW: stop after the last row whose window reaches the
+        # block, so a window costs O(N * WINDOW), not O(N^2).
+        end_q = tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1 - diag + WINDOW, N_Q)
+        row_end = tl.minimum(row_end, tl.maximum(end_q, 0) * GROUP)
+    for start_m in range(row_start, row_end, BLOCK_M):
         q, do, lse2, delta, qi, h, row_ok = _load_row_tile(
             Q, DO, Lse, Delta, b, hk, start_m,
             stride_qb, stride_qh, stride_qm, stride_qd,
             stride_dob, stride_doh, stride_dom, stride_dod,
             stride_lb, stride_lh, stride_lm, N_Q,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
-        visible = own_visible(col_ok[None, :], offs_n, qi, diag, WINDOW, IS_CAUSAL, HAS_WINDOW)
-        p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+        visible_t = own_visible(col_ok[:, None], offs_n[:, None], qi[None, :], diag, WINDOW, IS_CAUSAL, HAS_WINDOW)
+        p_t, ds_t = _probs_and_dscores_t(q, do, lse2, delta, k, v, visible_t, qk_scale, DOT_PRECISION)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     offs_d = tl.arange(0, BLOCK_D)
     out_off = b * stride_gb + hk * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
@@ -172,7 +192,7 @@ def _dq_tile_loop(
         n_ok = offs_n < n_limit
         k = _load_key_tile(K, stride_kn, stride_kd, offs_n, n_ok, HEAD_DIM, BLOCK_D)
         v = _load_key_tile(V, stride_vn, stride_vd, offs_n, n_ok, HEAD_DIM, BLOCK_D)
-        visible = own_visible(n_ok[None, :], offs_n, qi, diag, window, CAUSAL_MASK, WINDOW_MASK)
+        visible = own_visible(n_ok[None, :], offs_n[None, :], qi[:, None], diag, window, CAUSAL_MASK, WINDOW_MASK)
         if HAS_KPM:
             visible = visible & (tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0) != 0)[None, :]
         p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION)
@@ -266,9 +286,9 @@ def _bwd_dprefix_kernel(
             stride_dob, stride_doh, stride_dom, stride_dod,
             stride_lb, stride_lh, stride_lm, N_Q,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
-        p, ds = _probs_and_dscores(q, do, lse2, delta, pk, pv, n_ok[None, :], qk_scale, DOT_PRECISION)
-        dpv = tl.dot(tl.trans(p.to(do.dtype)), do, dpv, input_precision=DOT_PRECISION)
-        dpk = tl.dot(tl.trans(ds.to(q.dtype)), q, dpk, input_precision=DOT_PRECISION)
+        p_t, ds_t = _probs_and_dscores_t(q, do, lse2, delta, pk, pv, n_ok[:, None], qk_scale, DOT_PRECISION)
+        dpv = tl.dot(p_t.to(do.dtype), do, dpv, input_precision=DOT_PRECISION)
+        dpk = tl.dot(ds_t.to(q.dtype), q, dpk, input_precision=DOT_PRECISION)
 
     offs_d = tl.arange(0, BLOCK_D)
     out_off = split * stride_gs + hk * stride_gh + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd

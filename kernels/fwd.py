@@ -37,7 +37,7 @@ def _fwd_tile_loop(
         kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        visible = own_visible(n_ok[None, :], offs_n, qi, diag, window, CAUSAL_MASK, WINDOW_MASK)
+        visible = own_visible(n_ok[None, :], offs_n[None, :], qi[:, None], diag, window, CAUSAL_MASK, WINDOW_MASK)
         if HAS_KPM:
             real = tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0)
             visible = visible & (real[None, :] != 0)

@@ -24,15 +24,17 @@ LN2 = tl.constexpr(math.log(2))
 
 
 @triton.jit
-def own_visible(visible, offs_n, qi, diag, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """Narrow ``visible`` ``[M, N]`` to the own keys ``offs_n [N]`` that packed rows of query
-    index ``qi [M]`` may see: key j iff ``j <= i + diag`` (CAUSAL, bottom-right, ``diag = Nk - Nq``)
-    and ``j > i + diag - window`` (WINDOW). The twin of ``causal_visibility`` in
-    ``reasoncache/ops/reference.py`` and ``own_visible`` in ``csrc/common.cuh``."""
+def own_visible(visible, key, row, diag, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Narrow ``visible`` to the own keys of index ``key`` that packed rows of query index
+    ``row`` may see: key j iff ``j <= i + diag`` (CAUSAL, bottom-right, ``diag = Nk - Nq``) and
+    ``j > i + diag - window`` (WINDOW). ``key`` and ``row`` come broadcastable, ``[1, N]`` and
+    ``[M, 1]`` for a row-major tile or ``[N, 1]`` and ``[1, M]`` for a transposed one. The twin
+    of ``causal_visibility`` in ``reasoncache/ops/reference.py`` and ``own_visible`` in
+    ``csrc/common.cuh``."""
     if CAUSAL:
-        visible = visible & (offs_n[None, :] <= qi[:, None] + diag)
+        visible = visible & (key <= row + diag)
     if WINDOW:
-        visible = visible & (offs_n[None, :] > qi[:, None] + diag - window)
+        visible = visible & (key > row + diag - window)
     return visible
 
 
@@ -87,12 +89,12 @@ FWD_SPACE = [
     Tile(32, 32, 4, 2, {9: _ALL, 8: _ALL}),  # the fallback that fits everywhere
     Tile(16, 64, 4, 2, {9: _ALL, 8: _ALL}),  # decode with GROUP <= 16: one tile holds the group
 ]
-DKDV_SPACE = [  # BLOCK_N: own keys whose dK, dV stay in registers; BLOCK_M: rows per loop trip
-    Tile(128, 64, 8, 2, {9: (64, 128), 8: (64,)}),  # many rows per key block
-    Tile(64, 64, 8, 2, {9: (64, 128), 8: (64, 128)}),  # 4 warps spill 8 B at D = 128 on both
-    Tile(32, 128, 8, 2, {9: (64, 128)}),  # sm_90: long key blocks
-    Tile(64, 32, 4, 2, {9: (64, 128), 8: (64, 128)}),  # short sequences
-    Tile(128, 32, 8, 2, {9: _ALL, 8: (64, 128)}),  # sm_90, D = 256
+DKDV_SPACE = [  # BLOCK_N: own keys whose dK, dV stay in registers (the MMA's M side); BLOCK_M: rows per trip
+    Tile(32, 128, 8, 3, {9: (64, 128), 8: (64, 128)}),  # the Triton tutorial's dK/dV tile
+    Tile(64, 128, 8, 2, {9: (64, 128), 8: (64, 128)}),  # spilled 560-680 B before the transposed form
+    Tile(64, 64, 8, 2, {9: (64, 128), 8: (64, 128)}),
+    Tile(32, 64, 4, 2, {9: (64, 128), 8: (64, 128)}),  # short sequences, one warpgroup
+    Tile(128, 32, 8, 2, {9: _ALL, 8: (64,)}),  # sm_90, D = 256 (mma.sync: 32 keys are too few for wgmma)
     Tile(16, 32, 4, 2, {9: _ALL, 8: _ALL}),  # the fallback that fits everywhere (sm_80, D = 256)
 ]
 DQ_SPACE = [  # BLOCK_M: rows whose dQ stays in registers; BLOCK_N: keys per loop trip
