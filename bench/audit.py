@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the audit compiles for the GPU, the interpreter compiles nothing")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # before minutes of compiling, not after
 
     t0 = time.time()
     rows = triton_rows(args.arch, args.dtypes, workers=args.workers)

@@ -108,3 +108,13 @@ def test_static_audit_passes():
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "New findings: 0" in res.stdout
+
+
+def test_audit_report_goes_into_a_folder_it_creates(tmp_path, monkeypatch):
+    """--out into a folder that does not exist yet is made up front, not found missing after
+    minutes of compiling."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(audit, "triton_rows", lambda *a, **k: [])
+    out = tmp_path / "new" / "static_audit.md"
+    assert audit.main(["--no-cuda", "--check", "--out", str(out)]) == 0
+    assert "New findings: 0" in out.read_text() and out.with_suffix(".json").is_file()
