@@ -127,8 +127,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from reasoncache.app.tasks import TASKS
+
     ap = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", nargs="+", default=["arithmetic"])
+    ap.add_argument("--task", nargs="+", default=["arithmetic"], choices=sorted(TASKS))
     ap.add_argument("--variants", nargs="+", default=["lora", "prefix"], choices=sorted(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=100, help="training steps of batch 8 (the demo's 100)")

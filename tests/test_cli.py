@@ -119,3 +119,18 @@ def test_missing_cache_and_model_are_clear_errors(workspace, capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "reasoncache", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and all(c in res.stdout for c in ("train", "eval", "generate", "demo"))
+
+
+def test_train_and_eval_read_other_field_names(workspace, capsys):
+    """--prompt-field/--completion-field map a dataset's own keys; naming one alone is an error."""
+    root, model = workspace
+    data = root / "own_fields.jsonl"
+    train, _ = make_split("two_quantities", 8, 0, seed=1)
+    data.write_text("".join(json.dumps({"q": e.prompt, "sol": e.completion}) + "\n" for e in train))
+    out = root / "fields_run"
+    common = ["--data", str(data), "--model", model, "--prompt-field", "q", "--completion-field", "sol"]
+    assert main(["train", *common, "--out", str(out), "--steps", "2", "--batch-size", "2", "--prefix-len", "4"]) == 0
+    assert main(["eval", *common, "--cache", str(out), "--max-new-tokens", "4"]) == 0
+    assert _last_json(capsys.readouterr().out)["n"] == 8
+    assert main(["eval", "--cache", str(out), "--data", str(data), "--model", model, "--prompt-field", "q"]) == 2
+    assert "--prompt-field and --completion-field go together" in capsys.readouterr().err

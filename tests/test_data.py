@@ -6,7 +6,7 @@ import pytest
 
 from reasoncache.app.data import IGNORE, Example, batch_order, collate, encode, format_prompt, load_jsonl
 from reasoncache.app.evaluate import extract_answer, normalize
-from reasoncache.app.tasks import make_split
+from reasoncache.app.tasks import TASKS, make_split
 from tiny_models import tiny_tokenizer
 
 
@@ -122,11 +122,41 @@ def test_normalize_compares_numbers_by_value():
     assert normalize("3.50") == "3.5" and normalize(" Yes ") == "yes" and normalize(None) is None
 
 
-def test_task_split_is_disjoint_and_reproducible():
-    train, test = make_split("arithmetic", 50, 20, seed=3)
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_task_split_is_disjoint_reproducible_and_self_consistent(task):
+    train, test = make_split(task, 150, 100, seed=3)
     assert not {e.prompt for e in train} & {e.prompt for e in test}
-    assert make_split("arithmetic", 50, 20, seed=3) == (train, test)
-    for e in train:
-        assert extract_answer(e.completion) == e.answer
+    assert make_split(task, 150, 100, seed=3) == (train, test)
+    assert make_split(task, 150, 100, seed=4) != (train, test)
+    for e in train + test:
+        assert "####" in e.completion and normalize(extract_answer(e.completion)) == normalize(e.answer)
+    assert len(TASKS) >= 6
+
+
+def test_gsm8k_rows_are_detected_and_mapped(tmp_path, capsys):
+    rows = [
+        {"question": "Ana had 48 clips and sold half. How many are left?",
+         "answer": "She sold 48/2 = <<48/2=24>>24 clips.\n48 - 24 = <<48-24=24>>24 are left.\n#### 24"},
+        {"question": "What is 2 + 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
+    ]  # fmt: skip
+    f = tmp_path / "gsm.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = load_jsonl(f)
+    assert "GSM8K-style rows; read 'question' as the prompt and 'answer' as the completion" in capsys.readouterr().err
+    assert got[0].prompt == rows[0]["question"] and got[0].answer == "24" and got[1].answer == "5"
+    assert "<<" not in got[0].completion and got[0].completion.startswith("She sold 48/2 = 24 clips.")
+    assert extract_answer(got[0].completion) == "24"
+
+
+def test_explicit_fields_and_their_errors(tmp_path):
+    f = tmp_path / "own.jsonl"
+    f.write_text(json.dumps({"q": "1 + 1?", "a": "1 + 1 = 2 #### 2"}) + "\n" + json.dumps({"q": "x"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{f}:2: missing or non-string 'a' \(named by --completion-field\)"):
+        load_jsonl(f, "q", "a")
+    with pytest.raises(ValueError, match="--prompt-field and --completion-field go together"):
+        load_jsonl(f, prompt_field="q")
+    f.write_text(json.dumps({"q": "1 + 1?", "a": "1 + 1 = 2 #### 2"}) + "\n")
+    (e,) = load_jsonl(f, "q", "a")
+    assert (e.prompt, e.answer) == ("1 + 1?", "2")
     with pytest.raises(ValueError, match="unknown task"):
         make_split("sorting", 1, 1)

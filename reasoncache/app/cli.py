@@ -10,6 +10,13 @@ from pathlib import Path
 from ..cache import CONFIG_NAME
 
 
+def _fields_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-field", help="read each row's prompt from this key (with --completion-field)")
+    p.add_argument(
+        "--completion-field", help="read each row's completion from this key; its answer follows its last '####'"
+    )
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -52,8 +59,9 @@ def cmd_train(args) -> int:
     from .models import load_model
     from .trainer import TrainConfig, Trainer, world
 
-    train = load_jsonl(args.data)
-    evals = load_jsonl(args.eval_data) if args.eval_data else None
+    fields = (args.prompt_field, args.completion_field)
+    train = load_jsonl(args.data, *fields)
+    evals = load_jsonl(args.eval_data, *fields) if args.eval_data else None
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -114,7 +122,7 @@ def cmd_eval(args) -> int:
     from .data import load_jsonl
     from .evaluate import evaluate
 
-    data = load_jsonl(args.data)
+    data = load_jsonl(args.data, args.prompt_field, args.completion_field)
     model, tok = _load_patched(args)
     res = evaluate(
         model,
@@ -163,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="training JSONL: {prompt, completion, answer?} or {messages}")
     t.add_argument("--out", required=True, help="output folder: cache/, checkpoint.pt, log.jsonl")
     _model_arg(t)
+    _fields_arg(t)
     t.add_argument("--prefix-len", type=int, default=16)
     t.add_argument("--init", default="demonstrations", choices=["demonstrations", "random", "tokens"])
     t.add_argument("--steps", type=int, default=150)
@@ -194,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", required=True, help="cache folder (or a train --out folder)")
     e.add_argument("--data", required=True)
     _model_arg(e)
+    _fields_arg(e)
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--answer-pattern", default=None)

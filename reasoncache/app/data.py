@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +62,44 @@ def _opt_answer(row: dict, where: str) -> str | None:
     return None if ans is None else str(ans)
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Read examples; a malformed row fails with its file and line number."""
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator notes: "48/2 = <<48/2=24>>24"
+
+
+def mapped_row(row, where: str, prompt_field: str, completion_field: str) -> Example:
+    """A row whose prompt and completion live under other names (GSM8K: ``question`` and
+    ``answer``). Calculator notes ``<<...>>`` are dropped from the completion, and the
+    answer is the text after its last ``####``."""
+    if not isinstance(row, dict):
+        raise _bad(where, f"expected a JSON object, got {type(row).__name__}")
+    for key, flag in ((prompt_field, "--prompt-field"), (completion_field, "--completion-field")):
+        if not isinstance(row.get(key), str):
+            raise _bad(where, f"missing or non-string {key!r} (named by {flag})")
+    completion = _CALCULATOR.sub("", row[completion_field])
+    answer = completion.rsplit("####", 1)[1].strip() or None if "####" in completion else None
+    return Example(row[prompt_field], completion, answer, where)
+
+
+def _is_gsm8k_style(row) -> bool:
+    return (
+        isinstance(row, dict)
+        and not ({"prompt", "completion", "messages"} & set(row))
+        and isinstance(row.get("question"), str)
+        and isinstance(row.get("answer"), str)
+        and "####" in row["answer"]
+    )
+
+
+def load_jsonl(path: str | Path, prompt_field: str | None = None, completion_field: str | None = None) -> list[Example]:
+    """Read examples; a malformed row fails with its file and line number.
+
+    Rows are ``{"prompt", "completion", "answer"?}`` or ``{"messages": [...]}``. With
+    ``prompt_field`` and ``completion_field`` (both or neither) the prompt and completion are
+    read from those keys instead (see ``mapped_row``). A file whose first row has neither
+    layout but GSM8K's ``{"question", "answer"}`` with a ``#### N`` answer is read that way,
+    and a line on stderr says so.
+    """
+    if (prompt_field is None) != (completion_field is None):
+        raise ValueError("--prompt-field and --completion-field go together: name both, or neither")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -75,7 +113,17 @@ def load_jsonl(path: str | Path) -> list[Example]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _bad(where, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(parse_row(row, where))
+            if not out and prompt_field is None and _is_gsm8k_style(row):
+                prompt_field, completion_field = "question", "answer"
+                print(
+                    f"{path}: GSM8K-style rows; read 'question' as the prompt and 'answer' as the completion "
+                    "(calculator notes <<...>> removed; the answer is the text after '####')",
+                    file=sys.stderr,
+                )
+            if prompt_field is None:
+                out.append(parse_row(row, where))
+            else:
+                out.append(mapped_row(row, where, prompt_field, completion_field))
     if not out:
         raise ValueError(f"{path}: no examples")
     return out

@@ -44,7 +44,93 @@ def digit_sum(rng: random.Random) -> Example:
     return Example(f"What is the sum of the digits of {n}?", " ".join(steps) + f" #### {total}", str(total))
 
 
-TASKS = {"arithmetic": arithmetic_chain, "digit_sum": digit_sum}
+_UNITS = [  # (from, to, factor): integer conversions, so answers are exact
+    ("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("hours", "minutes", 60),
+    ("minutes", "seconds", 60), ("feet", "inches", 12), ("days", "hours", 24), ("kilograms", "grams", 1000),
+]  # fmt: skip
+
+
+def unit_conversion(rng: random.Random) -> Example:
+    """'How many minutes are 3 hours and 25 minutes?' -> '3 hours = 3 * 60 = 180 minutes.
+    180 + 25 = 205. #### 205'."""
+    big, small, f = rng.choice(_UNITS)
+    a, b = rng.randint(2, 12), rng.randint(1, f - 1)
+    steps = f"{a} {big} = {a} * {f} = {a * f} {small}. {a * f} + {b} = {a * f + b}."
+    return Example(f"How many {small} are {a} {big} and {b} {small}?", f"{steps} #### {a * f + b}", str(a * f + b))
+
+
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def day_of_week(rng: random.Random) -> Example:
+    """'Today is Tuesday. What day of the week is it in 17 days?' -> '17 = 2 * 7 + 3. Three
+    days after Tuesday is Friday. #### Friday'. The answer is a word."""
+    d, n = rng.randrange(7), rng.randint(3, 60)
+    weeks, rest = divmod(n, 7)
+    day = _DAYS[(d + rest) % 7]
+    steps = f"{n} = {weeks} * 7 + {rest}. {rest} days after {_DAYS[d]} is {day}."
+    return Example(f"Today is {_DAYS[d]}. What day of the week is it in {n} days?", f"{steps} #### {day}", day)
+
+
+_ITEMS = ["apple", "pear", "plum", "fig", "kiwi"]
+
+
+def count_items(rng: random.Random) -> Example:
+    """'How many times does "plum" appear in: fig, plum, apple, plum, kiwi, plum?' -> a
+    running count over the matches. #### 3'."""
+    target = rng.choice(_ITEMS)
+    items = [rng.choice(_ITEMS) for _ in range(rng.randint(5, 9))]
+    count, steps = 0, []
+    for i, it in enumerate(items, 1):
+        if it == target:
+            count += 1
+            steps.append(f"item {i} is {target}, count {count}.")
+    body = " ".join(steps) if steps else f"no item is {target}."
+    prompt = f'How many times does "{target}" appear in: {", ".join(items)}?'
+    return Example(prompt, f"{body} #### {count}", str(count))
+
+
+def compare_sums(rng: random.Random) -> Example:
+    """'Which is larger, 37 + 48 or 29 + 61? Answer with the larger sum.' -> '37 + 48 = 85.
+    29 + 61 = 90. 90 > 85. #### 90'."""
+    a, b, c, d = (rng.randint(10, 99) for _ in range(4))
+    x, y = a + b, c + d
+    if x == y:
+        d += 1
+        y += 1
+    big = max(x, y)
+    cmp = f"{max(x, y)} > {min(x, y)}."
+    prompt = f"Which is larger, {a} + {b} or {c} + {d}? Answer with the larger sum."
+    return Example(prompt, f"{a} + {b} = {x}. {c} + {d} = {y}. {cmp} #### {big}", str(big))
+
+
+_PEOPLE = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]
+
+
+def two_quantities(rng: random.Random) -> Example:
+    """A word problem with two quantities: 'Ana has 4 boxes of 6 pencils and gives away 9
+    pencils. How many pencils does Ana have left?' -> '4 * 6 = 24. 24 - 9 = 15. #### 15'."""
+    who = rng.choice(_PEOPLE)
+    boxes, per = rng.randint(2, 9), rng.randint(3, 12)
+    give = rng.randint(1, boxes * per - 1)
+    total = boxes * per
+    prompt = (
+        f"{who} has {boxes} boxes of {per} pencils and gives away {give} pencils. "
+        f"How many pencils does {who} have left?"
+    )
+    return Example(prompt, f"{boxes} * {per} = {total}. {total} - {give} = {total - give}. #### {total - give}",
+                   str(total - give))  # fmt: skip
+
+
+TASKS = {
+    "arithmetic": arithmetic_chain,
+    "digit_sum": digit_sum,
+    "unit_conversion": unit_conversion,
+    "day_of_week": day_of_week,
+    "count_items": count_items,
+    "compare_sums": compare_sums,
+    "two_quantities": two_quantities,
+}
 
 
 def make_split(task: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
