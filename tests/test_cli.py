@@ -122,7 +122,8 @@ def test_python_dash_m_entry_point():
 
 
 def test_train_and_eval_read_other_field_names(workspace, capsys):
-    """--prompt-field/--completion-field map a dataset's own keys; naming one alone is an error."""
+    """--prompt-field/--completion-field map a dataset's own keys (naming one alone is an
+    error); --objective distill trains from the same rows."""
     root, model = workspace
     data = root / "own_fields.jsonl"
     train, _ = make_split("two_quantities", 8, 0, seed=1)
@@ -132,5 +133,18 @@ def test_train_and_eval_read_other_field_names(workspace, capsys):
     assert main(["train", *common, "--out", str(out), "--steps", "2", "--batch-size", "2", "--prefix-len", "4"]) == 0
     assert main(["eval", *common, "--cache", str(out), "--max-new-tokens", "4"]) == 0
     assert _last_json(capsys.readouterr().out)["n"] == 8
+    distill = [
+        "--objective",
+        "distill",
+        "--distill-shots",
+        "2",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--prefix-len",
+        "4",
+    ]
+    assert main(["train", *common, "--out", str(root / "distill_run"), *distill]) == 0
     assert main(["eval", "--cache", str(out), "--data", str(data), "--model", model, "--prompt-field", "q"]) == 2
     assert "--prompt-field and --completion-field go together" in capsys.readouterr().err

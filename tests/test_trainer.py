@@ -108,3 +108,64 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     model, tok, train, cfg = _setup(steps=4, batch_size=2, grad_accum=2)
     Trainer(model, tok, train, cfg, tmp_path / "single", progress=False).train()
     torch.testing.assert_close(ddp, model.reasoncache.keys.detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_suspended_is_the_frozen_base_model(arch):
+    """The distillation teacher: a patched model with its prefix (and GPT-2's position
+    offset) suspended computes exactly what the unpatched model does, and the patch is
+    whole again after the block."""
+    from reasoncache.hf import prefix_suspended
+
+    model = tiny_model(arch)
+    ids = torch.randint(3, 90, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(ids).logits
+        reasoncache.patch(model, reasoncache.ReasonCache.for_model(model, prefix_len=5))
+        patched = model(ids).logits
+        with prefix_suspended(model):
+            suspended = model(ids).logits
+        again = model(ids).logits
+    torch.testing.assert_close(suspended, base, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(patched, base, atol=1e-3)
+    assert torch.equal(again, patched)
+
+
+def test_distill_starts_at_zero_from_the_teachers_own_demonstrations(tmp_path):
+    """With the prefix built from exactly the teacher's demonstration text, the student on
+    the question alone equals the teacher shown the demonstrations: KL 0 at step 0. Then it
+    trains the prefix only."""
+    from reasoncache.app.data import format_prompt
+    from reasoncache.app.trainer import distill_loss
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("two_quantities", 12, 0, seed=0)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, objective="distill", distill_shots=2, checkpoint_every=3)
+    reasoncache.patch(model, reasoncache.ReasonCache.for_model(model, prefix_len=4))  # replaced below
+    trainer = Trainer(model, tok, train, cfg, tmp_path, progress=False)
+    student = format_prompt(tok, train[0].prompt)
+    teacher = format_prompt(tok, train[0].prompt, shots=trainer.demos)
+    assert teacher.endswith(student)
+    demo_ids = torch.tensor([tok(teacher[: -len(student)], add_special_tokens=False).input_ids])
+    reasoncache.patch(model, reasoncache.ReasonCache.from_demonstrations(model, demo_ids))
+    trainer = Trainer(model, tok, train, cfg, tmp_path, progress=False)
+    batch, teacher_batch = trainer._collate(trainer.encoded, [0, 1, 2]), trainer._collate(trainer.teacher, [0, 1, 2])
+    kl, n = distill_loss(model, batch, teacher_batch)
+    assert n > 10 and abs(kl.item()) / n < 1e-5
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    hist = trainer.train()
+    assert all(r["loss"] >= -1e-6 for r in hist if "loss" in r)
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("reasoncache.") for k in changed)
+
+
+def test_distill_config_errors():
+    with pytest.raises(ValueError, match="objective must be one of"):
+        TrainConfig(objective="kl").check()
+    with pytest.raises(ValueError, match="distill_shots must be a positive int"):
+        TrainConfig(objective="distill", distill_shots=0).check()
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("arithmetic", 4, 0)
+    reasoncache.patch(model, build_cache(model, tok, train, prefix_len=4))
+    with pytest.raises(ValueError, match="distill_shots=5 needs as many examples, got 4"):
+        Trainer(model, tok, train, TrainConfig(objective="distill", distill_shots=5), "/tmp/unused", progress=False)

@@ -76,6 +76,8 @@ def cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         answer_pattern=args.answer_pattern,
         length_grouped=not args.no_length_grouping,
+        objective=args.objective,
+        distill_shots=args.distill_shots,
     )
     cfg.check()
     rank, n = world()
@@ -186,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--rms-scaled", action="store_true", help="learn keys/values in units of their initial RMS per layer and head"
     )
+    t.add_argument(
+        "--objective",
+        default="sft",
+        choices=["sft", "distill"],
+        help="sft: cross-entropy on completions; distill: KL to the frozen model shown --distill-shots demos",
+    )
+    t.add_argument("--distill-shots", type=int, default=3, help="demonstrations the distillation teacher sees")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--no-length-grouping", action="store_true")
     t.add_argument("--checkpoint-every", type=int, default=50)

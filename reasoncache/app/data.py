@@ -150,10 +150,13 @@ def format_prompt(tok, prompt: str, chat_template: bool = True, shots: list[Exam
     return "".join(f"{s.prompt}\n{s.completion}\n\n" for s in shots) + prompt + "\n"
 
 
-def encode(tok, ex: Example, chat_template: bool = True, max_len: int = 1024) -> tuple[list[int], list[int]]:
+def encode(
+    tok, ex: Example, chat_template: bool = True, max_len: int = 1024, shots: list[Example] | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids and labels (prompt positions ``IGNORE``: loss only on the completion,
-    which ends with the end-of-sequence token so the model learns to stop)."""
-    p = tok(format_prompt(tok, ex.prompt, chat_template), add_special_tokens=False).input_ids
+    which ends with the end-of-sequence token so the model learns to stop). ``shots`` go
+    before the prompt as earlier turns (the distillation teacher's context)."""
+    p = tok(format_prompt(tok, ex.prompt, chat_template, shots), add_special_tokens=False).input_ids
     c = tok(ex.completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
     ids = (p + c)[:max_len]
     labels = ([IGNORE] * len(p) + c)[:max_len]

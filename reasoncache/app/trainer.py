@@ -9,9 +9,11 @@ N processes with batch B give the same update as one process with batch N*B.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..hf import prefix_suspended
 from .data import IGNORE, Example, batch_order, collate, encode
 
+OBJECTIVES = ("sft", "distill")
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
@@ -50,6 +54,8 @@ class TrainConfig:
     chat_template: bool = True
     max_len: int = 1024
     answer_pattern: str | None = None
+    objective: str = "sft"  # "sft": cross-entropy on completions; "distill": match the frozen model shown demos
+    distill_shots: int = 3  # demonstrations in the distillation teacher's context
 
     # fields that change the training trajectory: a resumed run must match them
     TRAJECTORY = (
@@ -65,6 +71,8 @@ class TrainConfig:
         "length_grouped",
         "max_len",
         "chat_template",
+        "objective",
+        "distill_shots",
     )
 
     def check(self) -> None:
@@ -76,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "distill" and (not isinstance(self.distill_shots, int) or self.distill_shots < 1):
+            raise ValueError(f"distill_shots must be a positive int, got {self.distill_shots!r}")
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -105,10 +117,11 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over completion tokens and their count. Logits are computed
-    only from the first completion position on (``logits_to_keep``): the prompt part of
-    the vocabulary projection is never paid for."""
+def _completion_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B, T, V]`` at the positions that predict completion tokens, and their
+    targets ``[B, T]`` (``IGNORE`` where a row has none). Logits are computed only from the
+    first completion position on (``logits_to_keep``): the prompt part of the vocabulary
+    projection is never paid for."""
     labels = batch["labels"]
     target = labels[:, 1:]
     cols = (target != IGNORE).any(0).nonzero()
@@ -122,9 +135,45 @@ def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[t
         logits = out.logits
     except TypeError:  # a model without logits_to_keep
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, lo:hi]
-    t = target[:, lo:hi]
+    return logits, target[:, lo:hi]
+
+
+def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over completion tokens, and their count."""
+    logits, t = _completion_logits(model, batch)
     loss = F.cross_entropy(logits.float().flatten(0, 1), t.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, int((t != IGNORE).sum())
+
+
+@contextlib.contextmanager
+def frozen_teacher(model: nn.Module):
+    """``model`` as its frozen base: a patched model with its prefix suspended, a PEFT model
+    with its adapter disabled."""
+    if getattr(model, "reasoncache", None) is not None:
+        with prefix_suspended(model):
+            yield model
+    elif hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        raise ValueError("the distill objective needs a reasoncache-patched or PEFT model (its frozen base teaches)")
+
+
+def distill_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], teacher_batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) over completion tokens, and their count. The student is
+    ``model`` on ``batch`` (the question alone); the teacher is the frozen base model on
+    ``teacher_batch`` (demonstrations, then the same question and completion). Both hold
+    the same completion tokens per row, so their completion positions pair up in order."""
+    logits, t = _completion_logits(model, batch)
+    with torch.no_grad(), frozen_teacher(model):
+        t_logits, tt = _completion_logits(model, teacher_batch)
+    student = logits[t != IGNORE].float().log_softmax(-1)
+    teacher = t_logits[tt != IGNORE].float().log_softmax(-1)
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher completions differ: {tuple(student.shape)} vs {tuple(teacher.shape)}")
+    return F.kl_div(student, teacher, log_target=True, reduction="sum"), student.shape[0]
 
 
 class Trainer:
@@ -153,6 +202,12 @@ class Trainer:
         self.rank, self.world = world()
         self.device = next(model.parameters()).device
         self.encoded = [encode(tok, e, cfg.chat_template, cfg.max_len) for e in examples]
+        self.demos: list[Example] = []
+        if cfg.objective == "distill":  # one fixed set of demonstrations for the teacher, drawn by seed
+            if len(examples) < cfg.distill_shots:
+                raise ValueError(f"distill_shots={cfg.distill_shots} needs as many examples, got {len(examples)}")
+            self.demos = random.Random(cfg.seed).sample(list(examples), cfg.distill_shots)
+            self.teacher = [encode(tok, e, cfg.chat_template, cfg.max_len, self.demos) for e in examples]
         self.lengths = [len(x) for x, _ in self.encoded]
         self.eval_examples = eval_examples
         self.progress = progress and self.rank == 0
@@ -239,15 +294,19 @@ class Trainer:
         bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
+    def _collate(self, encoded: list, mb: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate([encoded[i] for i in mb], self.tok.pad_token_id).items()}
+
     def train_step(self) -> float:
         mbs, tokens = self._step_batches(self.step)
         loss_sum = torch.zeros((), device=self.device)
         for mb in mbs:
-            batch = {
-                k: v.to(self.device) for k, v in collate([self.encoded[i] for i in mb], self.tok.pad_token_id).items()
-            }
+            batch = self._collate(self.encoded, mb)
             with self._autocast():
-                loss, _ = completion_loss(self.model, batch)
+                if self.cfg.objective == "distill":
+                    loss, _ = distill_loss(self.model, batch, self._collate(self.teacher, mb))
+                else:
+                    loss, _ = completion_loss(self.model, batch)
             (loss / tokens).backward()
             loss_sum += loss.detach()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.params]

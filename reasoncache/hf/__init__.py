@@ -1,5 +1,5 @@
 """Hugging Face transformers integration: patch a decoder to use the fused prefix op."""
 
-from .patch import patch, unpatch
+from .patch import patch, prefix_suspended, unpatch
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["patch", "unpatch", "prefix_suspended"]

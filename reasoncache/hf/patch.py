@@ -52,6 +52,13 @@ def _base_model(model: nn.Module) -> nn.Module:
     return getattr(model, getattr(model, "base_model_prefix", ""), model)
 
 
+def _register_offset(model: nn.Module, offset: int):
+    """The position-offset hook on ``model``'s base model; the handle remembers its offset."""
+    handle = _base_model(model).register_forward_pre_hook(_position_offset_hook(offset), with_kwargs=True)
+    handle._rc_hook = offset
+    return handle
+
+
 def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
     """Make ``model`` attend to ``cache``'s per-layer prefix through the fused op.
 
@@ -95,14 +102,35 @@ def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
         cache.train(model.training)
         offset = getattr(cache, "position_offset", 0)
         if offset:
-            state["hooks"].append(
-                _base_model(model).register_forward_pre_hook(_position_offset_hook(offset), with_kwargs=True)
-            )
+            state["hooks"].append(_register_offset(model, offset))
     for m in mods:
         object.__setattr__(m, "_rc_cache", cache)
     _set_attn_implementation(model, NAME)
     object.__setattr__(model, _STATE, state)
     return model
+
+
+@contextlib.contextmanager
+def prefix_suspended(model: nn.Module):
+    """Within the block a patched model computes as its frozen base model: no prefix and no
+    position offset (the fused op still runs, with an empty prefix). The teacher of
+    distillation is the same model with its prefix suspended."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by reasoncache")
+    mods = attention_modules(model)
+    caches = [m.__dict__.get("_rc_cache") for m in mods]
+    for m in mods:
+        object.__setattr__(m, "_rc_cache", None)
+    hooks = [(h, getattr(h, "_rc_hook", None)) for h in state["hooks"]]
+    for h, _ in hooks:
+        h.remove()
+    try:
+        yield model
+    finally:
+        for m, c in zip(mods, caches):
+            object.__setattr__(m, "_rc_cache", c)
+        state["hooks"] = [_register_offset(model, offset) for _, offset in hooks]
 
 
 def unpatch(model: nn.Module) -> nn.Module:
