@@ -81,7 +81,8 @@ def test_train_eval_generate(workspace, capsys):
         == 0
     )
     res = _last_json(capsys.readouterr().out)
-    assert set(res) == {"accuracy", "n", "prompt_tokens"} and res["n"] == 4
+    assert set(res) == {"method", "accuracy", "n", "prompt_tokens", "examples_per_s"} and res["n"] == 4
+    assert res["method"] == "reasoncache" and res["examples_per_s"] > 0
     assert len((root / "preds.jsonl").read_text().splitlines()) == 4
 
     assert main(["generate", "--cache", str(out / "cache"), "--model", model, "--max-new-tokens", "5", "Hi"]) == 0
@@ -148,3 +149,20 @@ def test_train_and_eval_read_other_field_names(workspace, capsys):
     assert main(["train", *common, "--out", str(root / "distill_run"), *distill]) == 0
     assert main(["eval", "--cache", str(out), "--data", str(data), "--model", model, "--prompt-field", "q"]) == 2
     assert "--prompt-field and --completion-field go together" in capsys.readouterr().err
+
+
+def test_eval_baselines_frozen_model_and_in_context(workspace, capsys):
+    """Without --cache, eval judges the frozen model; --shots K --shots-from F puts K
+    demonstrations before every question, in the demo's prompt format."""
+    root, model = workspace
+    base = ["eval", "--data", str(root / "test.jsonl"), "--model", model, "--max-new-tokens", "4"]
+    assert main(base) == 0
+    zero = _last_json(capsys.readouterr().out)
+    assert zero["method"] == "zero-shot" and zero["n"] == 4
+    assert main([*base, "--shots", "2", "--shots-from", str(root / "train.jsonl")]) == 0
+    icl = _last_json(capsys.readouterr().out)
+    assert icl["method"] == "2-shot ICL" and icl["prompt_tokens"] > zero["prompt_tokens"] + 40
+    assert main([*base, "--shots", "2"]) == 2
+    assert "--shots 2 needs --shots-from FILE" in capsys.readouterr().err
+    assert main([*base, "--shots", "99", "--shots-from", str(root / "train.jsonl")]) == 2
+    assert "holds only 16 examples" in capsys.readouterr().err

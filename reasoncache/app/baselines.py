@@ -1,15 +1,26 @@
-"""The baselines a learned prefix is compared with: LoRA at a matched parameter count.
+"""The baselines a learned prefix is compared with: the frozen model zero-shot, in-context
+learning with K demonstrations in the prompt, and LoRA at a matched parameter count.
 
-The demo, the accuracy study (``bench quality``) and the training benchmark (``bench
-train``) all build the equal-parameter LoRA baseline here, so they compare against the
-same thing.
+``reasoncache eval`` (without ``--cache``, with ``--shots``), the demo, the accuracy study
+(``bench quality``) and the training benchmark (``bench train``) all build their
+baselines here, so they compare against the same thing.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from .data import Example
+from .evaluate import evaluate
+
 LORA_MODULES = ("q_proj", "v_proj")
+
+
+def in_context(model: nn.Module, tok, test: list[Example], shots: list[Example], **eval_kw) -> dict:
+    """``evaluate`` with ``shots`` as earlier chat turns before every question (none: the
+    zero-shot baseline); adds ``method`` ("zero-shot" or "K-shot ICL") to the result."""
+    res = evaluate(model, tok, test, shots=shots, **eval_kw)
+    return {"method": f"{len(shots)}-shot ICL" if shots else "zero-shot", **res}
 
 
 def lora_rank_for(model: nn.Module, target_params: int, modules: tuple[str, ...] = LORA_MODULES) -> int:

@@ -121,15 +121,27 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .baselines import in_context
     from .data import load_jsonl
-    from .evaluate import evaluate
+    from .models import load_model
 
+    if args.shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {args.shots}")
+    if args.shots and not args.shots_from:
+        raise ValueError(f"--shots {args.shots} needs --shots-from FILE (the JSONL the demonstrations come from)")
     data = load_jsonl(args.data, args.prompt_field, args.completion_field)
-    model, tok = _load_patched(args)
-    res = evaluate(
+    shots = load_jsonl(args.shots_from, args.prompt_field, args.completion_field)[: args.shots] if args.shots else []
+    if len(shots) < args.shots:
+        raise ValueError(f"--shots {args.shots}: {args.shots_from} holds only {len(shots)} examples")
+    if args.cache:
+        model, tok = _load_patched(args)
+    else:  # the frozen model as it is: the baseline a cache is judged against
+        model, tok = load_model(args.model, device=_device(args.device), progress=True)
+    res = in_context(
         model,
         tok,
         data,
+        shots,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         chat_template=not args.no_chat_template,
@@ -138,7 +150,10 @@ def cmd_eval(args) -> int:
     )
     if args.predictions:
         Path(args.predictions).write_text("\n".join(json.dumps(p) for p in res["predictions"]) + "\n")
-    print(json.dumps({k: res[k] for k in ("accuracy", "n", "prompt_tokens")}))
+    method = (
+        f"reasoncache + {res['method']}" if args.cache and shots else ("reasoncache" if args.cache else res["method"])
+    )
+    print(json.dumps({"method": method} | {k: res[k] for k in ("accuracy", "n", "prompt_tokens", "examples_per_s")}))
     return 0
 
 
@@ -208,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="greedy exact-match accuracy with a trained cache")
-    e.add_argument("--cache", required=True, help="cache folder (or a train --out folder)")
+    e = sub.add_parser("eval", help="greedy exact-match accuracy with a trained cache, or of the frozen model")
+    e.add_argument("--cache", help="cache folder (or a train --out folder); without it, the frozen model as it is")
+    e.add_argument("--shots", type=int, default=0, help="K demonstrations before every question (in-context learning)")
+    e.add_argument("--shots-from", help="JSONL the --shots demonstrations are taken from (its first K rows)")
     e.add_argument("--data", required=True)
     _model_arg(e)
     _fields_arg(e)

@@ -20,7 +20,7 @@ import torch
 from .._version import __version__
 from ..cache import build_cache
 from ..hf import patch, unpatch
-from .baselines import matched_lora
+from .baselines import in_context, matched_lora
 from .evaluate import evaluate
 from .models import load_model
 from .tasks import make_split
@@ -87,9 +87,8 @@ def run_demo(
     # 1) zero-shot and k-shot in-context learning
     for k in (0, o["shots"]):
         t0 = time.time()
-        res = evaluate(model, tok, test, shots=train[:k], max_new_tokens=o["max_new_tokens"], progress=True)
-        method = "zero-shot" if k == 0 else f"{k}-shot ICL"
-        rows.append(_row(method, res, [(k, res["accuracy"])], eval_s=time.time() - t0))
+        res = in_context(model, tok, test, train[:k], max_new_tokens=o["max_new_tokens"], progress=True)
+        rows.append(_row(res["method"], res, [(k, res["accuracy"])], eval_s=time.time() - t0))
         print(f"{rows[-1]['method']}: accuracy {res['accuracy']:.2f}", flush=True)
 
     every = max(1, steps // o["curve_points"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import torch
 
@@ -80,9 +81,12 @@ def evaluate(
 ) -> dict:
     """Exact-match accuracy of greedy generations against each example's answer (or the
     answer extracted from its reference completion). Returns ``accuracy``, ``n``,
-    ``prompt_tokens`` (mean prompt length the model saw) and per-example ``predictions``."""
+    ``prompt_tokens`` (mean prompt length the model saw), ``examples_per_s`` (generation
+    throughput) and per-example ``predictions``."""
     prompts = [format_prompt(tok, e.prompt, chat_template, shots) for e in examples]
+    t0 = time.perf_counter()
     texts = generate(model, tok, prompts, max_new_tokens, batch_size, progress, desc="evaluating")
+    seconds = time.perf_counter() - t0
     preds, correct = [], 0
     for e, text in zip(examples, texts):
         gold = normalize(e.answer if e.answer is not None else extract_answer(e.completion, answer_pattern))
@@ -95,5 +99,6 @@ def evaluate(
         "accuracy": correct / max(1, len(examples)),
         "n": len(examples),
         "prompt_tokens": sum(lengths) / max(1, len(lengths)),
+        "examples_per_s": len(examples) / seconds if seconds > 0 else None,
         "predictions": preds,
     }
