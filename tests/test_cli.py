@@ -58,6 +58,7 @@ def test_train_eval_generate(workspace, capsys):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in log if "eval_accuracy" in r] == [2, 4]
     assert (out / "cache" / "reasoncache.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
     assert main(args + ["--resume"]) == 0  # already complete: resumes at step 4, trains nothing
     assert "resuming from step 4" in capsys.readouterr().out
@@ -166,3 +167,16 @@ def test_eval_baselines_frozen_model_and_in_context(workspace, capsys):
     assert "--shots 2 needs --shots-from FILE" in capsys.readouterr().err
     assert main([*base, "--shots", "99", "--shots-from", str(root / "train.jsonl")]) == 2
     assert "holds only 16 examples" in capsys.readouterr().err
+
+
+def test_report_to_tensorboard_without_the_package_says_how_to_get_it(workspace, capsys):
+    try:
+        import tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    root, model = workspace
+    args = ["train", "--data", str(root / "train.jsonl"), "--out", str(root / "tb"), "--model", model]
+    assert main([*args, "--steps", "1", "--batch-size", "2", "--prefix-len", "4", "--report-to", "tensorboard"]) == 2
+    assert "needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err

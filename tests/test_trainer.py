@@ -169,3 +169,23 @@ def test_distill_config_errors():
     reasoncache.patch(model, build_cache(model, tok, train, prefix_len=4))
     with pytest.raises(ValueError, match="distill_shots=5 needs as many examples, got 4"):
         Trainer(model, tok, train, TrainConfig(objective="distill", distill_shots=5), "/tmp/unused", progress=False)
+
+
+def test_report_to_tensorboard_logs_every_row(tmp_path, monkeypatch):
+    from reasoncache.app import trainer as trainer_mod
+
+    written = []
+
+    class FakeWriter:
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(trainer_mod, "tensorboard_writer", lambda log_dir: FakeWriter())
+    model, tok, train, cfg = _setup(steps=2, report_to="tensorboard")
+    Trainer(model, tok, train, cfg, tmp_path, progress=False).train()
+    assert ("loss", 1) in written and ("loss", 2) in written and ("lr", 2) in written
+    with pytest.raises(ValueError, match="report_to must be None or 'tensorboard'"):
+        TrainConfig(report_to="wandb").check()

@@ -57,7 +57,7 @@ def cmd_train(args) -> int:
     from ..hf import patch
     from .data import load_jsonl
     from .models import load_model
-    from .trainer import TrainConfig, Trainer, world
+    from .trainer import TrainConfig, Trainer, plot_loss_curve, world
 
     fields = (args.prompt_field, args.completion_field)
     train = load_jsonl(args.data, *fields)
@@ -78,6 +78,7 @@ def cmd_train(args) -> int:
         length_grouped=not args.no_length_grouping,
         objective=args.objective,
         distill_shots=args.distill_shots,
+        report_to=args.report_to,
     )
     cfg.check()
     rank, n = world()
@@ -112,6 +113,8 @@ def cmd_train(args) -> int:
     if rank == 0:
         cache.fold().save_pretrained(Path(args.out) / "cache")
         print(f"saved the cache to {Path(args.out) / 'cache'}")
+        png = Path(args.out) / "loss.png"
+        print(f"wrote {png}" if plot_loss_curve(trainer.history, png) else "no loss.png: matplotlib draws it")
         last = [r for r in trainer.history if "eval_accuracy" in r]
         if last:
             print(
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sft: cross-entropy on completions; distill: KL to the frozen model shown --distill-shots demos",
     )
     t.add_argument("--distill-shots", type=int, default=3, help="demonstrations the distillation teacher sees")
+    t.add_argument("--report-to", choices=["tensorboard"], help="also log to TensorBoard (OUT/tensorboard)")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--no-length-grouping", action="store_true")
     t.add_argument("--checkpoint-every", type=int, default=50)
@@ -261,6 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"reasoncache {args.command}: error: {e}", file=sys.stderr)
         return 2

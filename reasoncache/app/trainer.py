@@ -56,6 +56,7 @@ class TrainConfig:
     answer_pattern: str | None = None
     objective: str = "sft"  # "sft": cross-entropy on completions; "distill": match the frozen model shown demos
     distill_shots: int = 3  # demonstrations in the distillation teacher's context
+    report_to: str | None = None  # "tensorboard": also log every row there (OUT/tensorboard)
 
     # fields that change the training trajectory: a resumed run must match them
     TRAJECTORY = (
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "distill" and (not isinstance(self.distill_shots, int) or self.distill_shots < 1):
             raise ValueError(f"distill_shots must be a positive int, got {self.distill_shots!r}")
+        if self.report_to not in (None, "tensorboard"):
+            raise ValueError(f"report_to must be None or 'tensorboard', got {self.report_to!r}")
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -176,6 +179,36 @@ def distill_loss(
     return F.kl_div(student, teacher, log_target=True, reduction="sum"), student.shape[0]
 
 
+def tensorboard_writer(log_dir: Path):
+    """A TensorBoard ``SummaryWriter`` (the optional ``tensorboard`` package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def plot_loss_curve(history: list[dict], path: Path) -> bool:
+    """Training loss against step as a PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in history if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 class Trainer:
     """Trains the parameters of ``model`` that require grad (a patched model's
     ``reasoncache`` prefix, or a PEFT adapter) on ``examples``.
@@ -219,6 +252,7 @@ class Trainer:
         self.step = 0
         self._epochs: dict[int, list[list[int]]] = {}
         self.history: list[dict] = []
+        self._tb = tensorboard_writer(self.out / "tensorboard") if cfg.report_to and self.rank == 0 else None
 
     # ------------------------------------------------------------------ data
     def _micro_batch(self, g: int) -> list[int]:
@@ -288,6 +322,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with (self.out / LOG).open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self._tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self._tb.add_scalar(k, v, row["step"])
+                self._tb.flush()
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
