@@ -32,6 +32,8 @@ VARIANTS: dict[str, dict] = {
     "prefix-rms": dict(kind="prefix", init="demonstrations", lr=1e-2, rms_scaled=True),
     "prefix-rms-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, rms_scaled=True),
     "prefix-rms-lr1e-1": dict(kind="prefix", init="demonstrations", lr=1e-1, rms_scaled=True),
+    # the distillation objective (train --objective distill): KL to the frozen model shown 3 demonstrations
+    "prefix-distill": dict(kind="prefix", init="demonstrations", lr=3e-2, objective="distill"),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
@@ -77,6 +79,7 @@ def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bo
         eval_at_end=False,
         checkpoint_every=10**9,
         max_new_tokens=DEFAULTS["max_new_tokens"],
+        objective=v.get("objective", "sft"),
     )
     out_dir = Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
     t0 = time.time()
