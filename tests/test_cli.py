@@ -180,3 +180,21 @@ def test_report_to_tensorboard_without_the_package_says_how_to_get_it(workspace,
     args = ["train", "--data", str(root / "train.jsonl"), "--out", str(root / "tb"), "--model", model]
     assert main([*args, "--steps", "1", "--batch-size", "2", "--prefix-len", "4", "--report-to", "tensorboard"]) == 2
     assert "needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(workspace, tmp_path):
+    """The demo's whole pipeline (baselines, prefix, matched LoRA, table, plot) in seconds."""
+    pytest.importorskip("peft")
+    pytest.importorskip("matplotlib")
+    from reasoncache.app.demo import run_demo
+
+    _, model = workspace
+    out = tmp_path / "demo"
+    res = run_demo(model_path=model, out=str(out), steps=2, quick=True, max_new_tokens=4)
+    methods = [r["method"] for r in res["rows"]]
+    assert methods == ["zero-shot", "3-shot ICL", "ReasonCACHE (P=16)", methods[3]] and methods[3].startswith("LoRA")
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["3-shot ICL"]["prompt_tokens"] > rows["zero-shot"]["prompt_tokens"]
+    assert rows["ReasonCACHE (P=16)"]["trainable_params"] > 0 and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
+    assert (out / "results.json").is_file() and (out / "accuracy_vs_examples.png").is_file()
+    assert (out / "reasoncache" / "cache" / "reasoncache.safetensors").is_file()
