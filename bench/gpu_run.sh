@@ -61,7 +61,7 @@ case "$stage" in
   sanitize)
     for tool in memcheck racecheck synccheck initcheck; do
       extra=(); [ "$tool" = racecheck ] && extra=(--racecheck-report all)
-      step "sanitize_$tool" compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 1 \
+      step "sanitize_$tool" compute-sanitizer --tool "$tool" ${extra[@]+"${extra[@]}"} --error-exitcode 1 \
         $py -m bench smoke --backend cuda --only errors --out "$OUT/sanitize_$tool.json"
     done
     ;;
