@@ -53,10 +53,8 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def _register_offset(model: nn.Module, offset: int):
-    """The position-offset hook on ``model``'s base model; the handle remembers its offset."""
-    handle = _base_model(model).register_forward_pre_hook(_position_offset_hook(offset), with_kwargs=True)
-    handle._rc_hook = offset
-    return handle
+    """The position-offset hook on ``model``'s base model (its handle)."""
+    return _base_model(model).register_forward_pre_hook(_position_offset_hook(offset), with_kwargs=True)
 
 
 def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
@@ -122,15 +120,15 @@ def prefix_suspended(model: nn.Module):
     caches = [m.__dict__.get("_rc_cache") for m in mods]
     for m in mods:
         object.__setattr__(m, "_rc_cache", None)
-    hooks = [(h, getattr(h, "_rc_hook", None)) for h in state["hooks"]]
-    for h, _ in hooks:
+    for h in state["hooks"]:  # the only hooks patch adds: the cache's position offset
         h.remove()
     try:
         yield model
     finally:
         for m, c in zip(mods, caches):
             object.__setattr__(m, "_rc_cache", c)
-        state["hooks"] = [_register_offset(model, offset) for _, offset in hooks]
+        offset = getattr(model._modules.get("reasoncache"), "position_offset", 0)
+        state["hooks"] = [_register_offset(model, offset)] if offset else []
 
 
 def unpatch(model: nn.Module) -> nn.Module:
