@@ -13,9 +13,11 @@ the same tools read each kernel's registers, spills and SASS, and the extension 
 the dynamic shared memory each kernel asks for, checked against every architecture's
 per-block opt-in limit.
 
-``--check`` exits 1 on a finding: a spill or shared memory over its target's limit in a
-configuration the kernels can choose, a hot Triton kernel on sm_90 without wgmma at a
-tile that allows it, a CUDA kernel that spills or a bf16 CUDA kernel whose fragment loads
+``--check`` exits 1 on a finding: a spill inside a loop (an ``STL``/``LDL`` between a
+backward branch and its target; a value parked once before the key loop and reloaded after
+it is reported in the table but costs one store and one load per thread) or shared memory
+over its target's limit in a configuration the kernels can choose, a hot Triton kernel on
+sm_90 without wgmma at a tile that allows it, or a bf16 CUDA kernel whose fragment loads
 are not ldmatrix. Findings that an open issue already names are listed in ``KNOWN`` and
 reported as known rather than failing. Nothing here measures speed: that needs the GPU.
 """
@@ -77,6 +79,42 @@ def sass_counts(sass: str) -> dict[str, int]:
     return {k: ops[k] for k in COUNTED}
 
 
+_ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*)")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(?:`\((\.L_x_\d+)\)|(0x[0-9a-f]+))")
+
+
+def loop_spill_ops(sass: str) -> int:
+    """How many local-memory spill instructions (``STL``/``LDL``) lie inside a loop of one
+    function's SASS: a loop is the address range from a backward branch's target to the
+    branch. Spills outside every loop (a value parked before the key loop and reloaded after
+    it) run once per thread; those inside run every trip and are what costs. Reads both
+    nvdisasm's labelled form and cuobjdump's hex branch targets."""
+    labels, insts, pending = {}, [], []
+    for line in sass.splitlines():
+        lab = _LABEL.match(line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = _ADDR.search(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        for name in pending:
+            labels[name] = addr
+        pending = []
+        insts.append((addr, m.group(2)))
+    loops = []
+    for addr, text in insts:
+        b = _BRANCH.search(text)
+        if b:
+            target = labels.get(b.group(1)) if b.group(1) else int(b.group(2), 16)
+            if target is not None and target <= addr:
+                loops.append((target, addr))
+    spills = [a for a, text in insts if re.match(r"(?:@!?U?P[T0-9]+\s+)?(?:STL|LDL)\b", text)]
+    return sum(any(lo <= a <= hi for lo, hi in loops) for a in spills)
+
+
 def resource_usage(path: str) -> dict[str, dict]:
     """{(arch, function): {regs, spill_bytes}} from ``cuobjdump -res-usage`` (spills: the
     stack frame plus local memory, in bytes per thread)."""
@@ -103,6 +141,7 @@ class Row:
     spill_bytes: int
     smem_bytes: int
     sass: dict = field(default_factory=dict)
+    loop_spill_ops: int = 0  # STL/LDL inside a loop of the SASS (see loop_spill_ops)
     compile_s: float = 0.0
     i64_offsets: bool | None = None  # Triton: batch offsets multiplied in 64 bits (read from the TTIR)
     findings: list = field(default_factory=list)
@@ -146,7 +185,7 @@ def triton_kernels():
 
     causal = dict(IS_CAUSAL=True, HAS_WINDOW=False, HAS_KPM=False)
     return {
-        "fwd": (fwd._fwd_kernel, causal),
+        "fwd": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True)),
         "bwd dk/dv": (bwd._bwd_dkdv_kernel, causal),
         "bwd dq": (bwd._bwd_dq_kernel, causal),
         "bwd dprefix": (bwd._bwd_dprefix_kernel, {}),
@@ -190,12 +229,13 @@ def _compile_triton(job: tuple) -> dict:
         f.write(k.asm["cubin"])
     try:
         usage = next(iter(resource_usage(f.name).values()))
-        sass = sass_counts(_run(str(_tools() / "nvdisasm"), "-c", f.name))
+        text = _run(str(_tools() / "nvdisasm"), "-c", f.name)
+        sass, in_loops = sass_counts(text), loop_spill_ops(text)
     finally:
         os.unlink(f.name)
     i64 = bool(re.search(r"arith\.muli [^\n]*: i64", k.asm["ttir"]))
     return asdict(Row("triton", kname, f"sm_{arch}", dtype, D, f"{bm}x{bn} w{warps} s{stages}", usage["regs"],
-                      usage["spill_bytes"], k.metadata.shared, sass, round(secs, 1), i64))  # fmt: skip
+                      usage["spill_bytes"], k.metadata.shared, sass, in_loops, round(secs, 1), i64))  # fmt: skip
 
 
 def triton_rows(archs, dtypes, group: int = 4, workers: int = 2) -> list[dict]:
@@ -211,8 +251,8 @@ def triton_rows(archs, dtypes, group: int = 4, workers: int = 2) -> list[dict]:
 def triton_findings(row: dict) -> list[str]:
     found = []
     limit = TARGET_LIMIT[int(row["target"][3:])]
-    if row["spill_bytes"]:
-        found.append(f"spills {row['spill_bytes']} B")
+    if row["loop_spill_ops"]:
+        found.append(f"spills {row['spill_bytes']} B, {row['loop_spill_ops']} STL/LDL inside a loop")
     if row["smem_bytes"] > limit:
         found.append(f"shared {row['smem_bytes'] / 1024:.0f} KiB > {limit / 1024:.0f} KiB")
     block_m = int(row["config"].split("x")[0])
@@ -238,7 +278,7 @@ def cuda_rows() -> list[dict]:
             continue
         for fn_block in re.split(r"\n\s*Function : ", block)[1:]:
             name = fn_block.split("\n", 1)[0].strip()
-            sass_by[(m.group(1), name)] = sass_counts(fn_block)
+            sass_by[(m.group(1), name)] = (sass_counts(fn_block), loop_spill_ops(fn_block))
     names = {f: _run("c++filt", f).strip() for _, f in usage}
     rows = []
     for (arch, f), u in sorted(usage.items()):
@@ -253,15 +293,15 @@ def cuda_rows() -> list[dict]:
         cfg = kernel.replace("_kernel", "") + ("<" + ",".join(targs[1:]) + ">" if len(targs) > 1 else "")
         rows.append(
             asdict(Row("cuda", cfg, arch, "bf16" if bf16 else "fp16", D, "64-row tiles, 4 warps", u["regs"],
-                       u["spill_bytes"], smem, sass_by.get((arch, f), {})))
+                       u["spill_bytes"], smem, *sass_by.get((arch, f), ({}, 0))))
         )  # fmt: skip
     return rows
 
 
 def cuda_findings(row: dict) -> list[str]:
     found = []
-    if row["spill_bytes"]:
-        found.append("spills")
+    if row["loop_spill_ops"]:
+        found.append(f"spills {row['spill_bytes']} B, {row['loop_spill_ops']} STL/LDL inside a loop")
     if row["dtype"] == "bf16" and row["sass"].get("HMMA") and not row["sass"].get("LDSM"):
         found.append("bf16 fragment loads without LDSM")
     return found
@@ -285,7 +325,7 @@ def cuda_launch_limits(rows: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------ report
-COLUMNS = ("backend", "kernel", "target", "dtype", "D", "config", "regs", "spill B", "smem KiB") + COUNTED
+COLUMNS = ("backend", "kernel", "target", "dtype", "D", "config", "regs", "spill B", "in loops", "smem KiB") + COUNTED
 
 
 def render(rows: list[dict]) -> str:
@@ -300,6 +340,7 @@ def render(rows: list[dict]) -> str:
             r["config"],
             str(r["regs"]),
             str(r["spill_bytes"]),
+            str(r.get("loop_spill_ops", 0)),
             f"{r['smem_bytes'] / 1024:.1f}",
         ] + [str(r["sass"].get(k, 0)) for k in COUNTED]
         cells.append("; ".join(r["findings"]) or "ok")

@@ -58,8 +58,9 @@ def launch_meta(q: torch.Tensor) -> dict:
 class Tile:
     """One autotune configuration and where it may run: ``fits`` maps the compute-capability
     major (9: sm_90, 8: sm_80 and the other sm_8x) to the padded head dims at which the static
-    audit (``python -m bench audit``, Triton 3.8) found it free of spills and within that
-    architecture's shared memory. Head dims below 64 count as 64."""
+    audit (``python -m bench audit``, Triton 3.8) found it free of spills inside loops and
+    within that architecture's shared memory (a few tiles park a value or two in local memory
+    once before the key loop; the audit's table lists those bytes). Head dims below 64 count as 64."""
 
     block_m: int
     block_n: int

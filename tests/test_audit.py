@@ -25,6 +25,28 @@ def test_sass_counts_reads_predicated_and_suffixed_opcodes():
     assert c == {"HGMMA": 1, "HMMA": 1, "LDSM": 1, "LDGSTS": 1, "UTMALDG": 0, "LD.E": 1}
 
 
+def test_loop_spill_ops_counts_only_spills_between_a_backward_branch_and_its_target():
+    nvdisasm = """
+        /*0010*/                   STL [R1+0x4], R9 ;
+.L_x_1:
+        /*0020*/                   HMMA.16816.F32.BF16 R20, R4, R8, R20 ;
+        /*0030*/                   LDL R3, [R1+0x8] ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+        /*0050*/               @P2 BRA `(.L_x_2) ;
+        /*0060*/                   STL [R1+0xc], R0 ;
+.L_x_2:
+        /*0070*/                   LDL.LU R10, [R1+0x4] ;
+    """
+    assert audit.loop_spill_ops(nvdisasm) == 1  # the forward branch to .L_x_2 makes no loop
+    cuobjdump = """
+        /*0100*/                   STL [R1], R2 ;
+        /*0110*/                   LDL R5, [R1] ;
+        /*0120*/              @!P0 BRA 0x100 ;
+        /*0130*/                   LDL R6, [R1] ;
+    """
+    assert audit.loop_spill_ops(cuobjdump) == 2
+
+
 def test_signature_specialises_like_a_real_launch():
     from reasoncache.kernels import fwd
 
