@@ -1,6 +1,7 @@
 """The command line, end to end on a tiny model folder (no GGUF, seconds)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -198,3 +199,33 @@ def test_demo_runs_end_to_end_on_a_tiny_model(workspace, tmp_path):
     assert rows["ReasonCACHE (P=16)"]["trainable_params"] > 0 and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
     assert (out / "results.json").is_file() and (out / "accuracy_vs_examples.png").is_file()
     assert (out / "reasoncache" / "cache" / "reasoncache.safetensors").is_file()
+
+
+def _train_args(root, model, out, *extra):
+    return ["train", "--data", str(root / "train.jsonl"), "--out", str(out), "--model", model,
+            "--steps", "3", "--batch-size", "2", "--prefix-len", "4", *extra]  # fmt: skip
+
+
+def test_train_fsdp_under_torchrun_takes_the_single_process_steps(workspace, capsys, tmp_path):
+    """`torchrun --nproc-per-node 2 ... train --fsdp` (gloo on CPU) logs the losses of one
+    process training on the same global batch; without torchrun, --fsdp says how to launch."""
+    import socket
+
+    root, model = workspace
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "reasoncache", *_train_args(root, model, tmp_path / "fsdp", "--fsdp")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "sharded by FSDP2" in res.stdout
+    assert main(_train_args(root, model, tmp_path / "single", "--grad-accum", "2")) == 0
+    losses = [
+        [json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("fsdp", "single")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    capsys.readouterr()
+    assert main(_train_args(root, model, tmp_path / "alone", "--fsdp")) == 2
+    assert "--fsdp shards the model over processes: launch with torchrun" in capsys.readouterr().err

@@ -110,6 +110,55 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     torch.testing.assert_close(ddp, model.reasoncache.keys.detach(), atol=1e-6, rtol=1e-5)
 
 
+def _fsdp_worker(rank, port, out, checkpointing):
+    from torch.distributed.tensor import DTensor
+
+    from reasoncache.app.sharding import shard_frozen_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    model, tok, train, cfg = _setup(steps=4, batch_size=2, grad_accum=1, gradient_checkpointing=checkpointing)
+    torch.distributed.init_process_group("gloo")
+    full = model.model.layers[0].self_attn.q_proj.weight.shape
+    shard_frozen_model(model, "cpu")
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert isinstance(w, DTensor) and w.to_local().shape[0] == full[0] // 2, "decoder layers are sharded in two"
+    assert not isinstance(model.reasoncache.keys, DTensor), "the prefix stays whole on every process"
+    cfg.eval_limit, cfg.max_new_tokens = 2, 3  # evaluation: every process generates together
+    history = Trainer(model, tok, train, cfg, out, eval_examples=train[:2], progress=False).train()
+    if rank == 0:
+        torch.save({"keys": model.reasoncache.keys.detach(), "history": history}, os.path.join(out, "run.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_fsdp_sharded_frozen_model_equals_one_process_with_the_same_global_batch(tmp_path, checkpointing):
+    """Two gloo processes with FSDP2-sharded decoder layers take the same steps (losses and
+    prefix) as one unsharded process with their global batch."""
+    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path / "fsdp"), checkpointing), nprocs=2, join=True)
+    run = torch.load(tmp_path / "fsdp" / "run.pt", weights_only=False)
+    model, tok, train, cfg = _setup(steps=4, batch_size=2, grad_accum=2)
+    single = Trainer(model, tok, train, cfg, tmp_path / "single", progress=False).train()
+    torch.testing.assert_close(run["keys"], model.reasoncache.keys.detach(), atol=1e-6, rtol=1e-5)
+    losses = lambda h: [r["loss"] for r in h if "loss" in r]
+    assert losses(run["history"]) == pytest.approx(losses(single), rel=1e-5)
+    assert any("eval_accuracy" in r for r in run["history"])
+    assert (tmp_path / "fsdp" / CHECKPOINT).is_file()
+    saved = torch.load(tmp_path / "fsdp" / CHECKPOINT, weights_only=False)
+    assert set(saved["trainable"]) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fsdp_refuses_what_it_cannot_shard():
+    from reasoncache.app.sharding import decoder_layers, shard_frozen_model
+
+    model = tiny_model("llama")
+    assert len(decoder_layers(model)) == 2
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(RuntimeError, match="torchrun"):
+        shard_frozen_model(model, "cpu")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_prefix_suspended_is_the_frozen_base_model(arch):
     """The distillation teacher: a patched model with its prefix (and GPT-2's position

@@ -82,6 +82,8 @@ def cmd_train(args) -> int:
     )
     cfg.check()
     rank, n = world()
+    if args.fsdp and n < 2:
+        raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N, N >= 2")
     device = _device(args.device)
     if device == "cuda" and n > 1:
         import os
@@ -89,7 +91,9 @@ def cmd_train(args) -> int:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, device=device, progress=rank == 0)
+    # Under --fsdp the model is read into host memory and only its shards reach the GPU.
+    load_on = "cpu" if args.fsdp else device
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=load_on, progress=rank == 0)
     cache = build_cache(
         model,
         tok,
@@ -102,10 +106,14 @@ def cmd_train(args) -> int:
         rms_scaled=args.rms_scaled,
     )
     patch(model, cache)
+    if args.fsdp:
+        from .sharding import shard_frozen_model
+
+        shard_frozen_model(model, device)
     if rank == 0:
         print(
             f"training {cache.num_trainable_parameters():,} prefix parameters ({cache.extra_repr()}) on "
-            f"{len(train)} examples, {n} process(es)",
+            f"{len(train)} examples, {n} process(es)" + (", frozen model sharded by FSDP2" if args.fsdp else ""),
             flush=True,
         )
     trainer = Trainer(model, tok, train, cfg, args.out, eval_examples=evals)
@@ -215,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill-shots", type=int, default=3, help="demonstrations the distillation teacher sees")
     t.add_argument("--report-to", choices=["tensorboard"], help="also log to TensorBoard (OUT/tensorboard)")
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the frozen model over the processes with FSDP2 (one unit per decoder layer); "
+        "the prefix stays whole on every process",
+    )
+    t.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the frozen weights' dtype (bfloat16 halves their memory; the prefix trains in float32)",
+    )
     t.add_argument("--no-length-grouping", action="store_true")
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--eval-data", help="JSONL to report accuracy on during training")

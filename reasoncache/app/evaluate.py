@@ -48,8 +48,11 @@ def generate(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "generating",
+    synced_gpus: bool = False,
 ) -> list[str]:
-    """Greedy completions of already formatted ``prompts`` (left-padded batches)."""
+    """Greedy completions of already formatted ``prompts`` (left-padded batches).
+    ``synced_gpus``: every process generates together until all are done (a sharded model
+    needs every process in every forward)."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -60,7 +63,13 @@ def generate(
         for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
             enc = tok(prompts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                synced_gpus=synced_gpus,
+            )
             outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tok.padding_side = side
@@ -78,14 +87,15 @@ def evaluate(
     shots: list[Example] | None = None,
     answer_pattern: str | None = None,
     progress: bool = False,
+    synced_gpus: bool = False,
 ) -> dict:
     """Exact-match accuracy of greedy generations against each example's answer (or the
     answer extracted from its reference completion). Returns ``accuracy``, ``n``,
     ``prompt_tokens`` (mean prompt length the model saw), ``examples_per_s`` (generation
-    throughput) and per-example ``predictions``."""
+    throughput) and per-example ``predictions``. ``synced_gpus``: as in ``generate``."""
     prompts = [format_prompt(tok, e.prompt, chat_template, shots) for e in examples]
     t0 = time.perf_counter()
-    texts = generate(model, tok, prompts, max_new_tokens, batch_size, progress, desc="evaluating")
+    texts = generate(model, tok, prompts, max_new_tokens, batch_size, progress, "evaluating", synced_gpus)
     seconds = time.perf_counter() - t0
     preds, correct = [], 0
     for e, text in zip(examples, texts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -64,10 +65,17 @@ def load_model(
             net.hf_quantizer = None
             if hasattr(net.config, "quantization_config"):
                 del net.config.quantization_config
-            tmp = converted.with_name(converted.name + ".tmp")
+            # A temporary folder per process: torchrun's processes may all convert at once;
+            # the first rename wins and the others discard their copy.
+            tmp = converted.with_name(f"{converted.name}.tmp{os.getpid()}")
             net.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            tmp.rename(converted)
+            try:
+                tmp.rename(converted)
+            except OSError:
+                if not (converted / "config.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         tok = AutoTokenizer.from_pretrained(converted, **local)
         net = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, **local)
     else:

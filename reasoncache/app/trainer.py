@@ -3,8 +3,9 @@
 AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast on GPU,
 gradient checkpointing, length-grouped batches, atomic checkpoints with exact resume,
 and data parallelism over ``torch.distributed`` (launch with ``torchrun``; gloo on CPU,
-NCCL on GPU). The loss is the mean over completion tokens of the whole global batch, so
-N processes with batch B give the same update as one process with batch N*B.
+NCCL on GPU), the frozen model optionally sharded by FSDP2 (``app/sharding.py``). The
+loss is the mean over completion tokens of the whole global batch, so N processes with
+batch B give the same update as one process with batch N*B.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..hf import prefix_suspended
 from .data import IGNORE, Example, batch_order, collate, encode
+from .sharding import is_sharded
 
 OBJECTIVES = ("sft", "distill")
 CHECKPOINT = "checkpoint.pt"
@@ -233,6 +235,7 @@ class Trainer:
         self.model, self.tok, self.cfg = model, tok, cfg
         self.out = Path(out_dir)
         self.rank, self.world = world()
+        self.sharded = is_sharded(model)  # FSDP2 (app/sharding.py): every process joins every forward
         self.device = next(model.parameters()).device
         self.encoded = [encode(tok, e, cfg.chat_template, cfg.max_len) for e in examples]
         self.demos: list[Example] = []
@@ -380,13 +383,16 @@ class Trainer:
                 chat_template=self.cfg.chat_template,
                 answer_pattern=self.cfg.answer_pattern,
                 progress=self.progress,
+                synced_gpus=self.sharded,
             )
         finally:
             self.model.train(was)
         return res
 
     def _maybe_eval(self) -> None:
-        if not self.eval_examples or self.rank != 0:
+        # Rank 0 evaluates alone, except under FSDP, where all ranks generate together
+        # (the same examples; rank 0 logs).
+        if not self.eval_examples or (self.rank != 0 and not self.sharded):
             return
         due = (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step in self.cfg.eval_steps
         if due or (self.cfg.eval_at_end and self.step == self.cfg.steps):
