@@ -92,21 +92,30 @@ def _load_row_tile(
 
 
 @triton.jit
-def _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION: tl.constexpr):
-    """p = softmax probabilities [M, N] and dS = p * (dP - delta) for one tile pair."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+def _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, MASKED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """p = softmax probabilities [M, N] and dS = p * (dP - delta) for one tile pair;
+    ``MASKED`` as in ``_probs_and_dscores_t``."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return p, ds
 
 
 @triton.jit
-def _probs_and_dscores_t(q, do, lse2, delta, k, v, visible_t, qk_scale, DOT_PRECISION: tl.constexpr):
+def _probs_and_dscores_t(q, do, lse2, delta, k, v, visible_t, qk_scale, MASKED: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
     """The same pair transposed: p^T [N, M] and dS^T = p^T * (dP^T - delta), with K and V as
-    the left operands, ready for dV += p^T dO and dK += dS^T Q."""
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-    p_t = tl.where(visible_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+    the left operands, ready for dV += p^T dO and dK += dS^T Q. Dead rows carry lse = +inf,
+    so their p is 0 already; ``MASKED`` also zeroes p^T where ``visible_t`` is False
+    (otherwise ``visible_t`` is unused)."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(visible_t, p_t, 0.0)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     return p_t, ds_t
@@ -168,7 +177,7 @@ def _bwd_dkdv_kernel(
             stride_lb, stride_lh, stride_lm, N_Q,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
         visible_t = own_visible(col_ok[:, None], offs_n[:, None], qi[None, :], diag, WINDOW, IS_CAUSAL, HAS_WINDOW)
-        p_t, ds_t = _probs_and_dscores_t(q, do, lse2, delta, k, v, visible_t, qk_scale, DOT_PRECISION)
+        p_t, ds_t = _probs_and_dscores_t(q, do, lse2, delta, k, v, visible_t, qk_scale, True, DOT_PRECISION)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
@@ -187,15 +196,20 @@ def _dq_tile_loop(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """dQ over keys [start, end). Keys past ``n_limit`` load as 0 and so add 0 to dQ: only
+    the causal, window and padding rules need a select, and without them there is none."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_limit
         k = _load_key_tile(K, stride_kn, stride_kd, offs_n, n_ok, HEAD_DIM, BLOCK_D)
         v = _load_key_tile(V, stride_vn, stride_vd, offs_n, n_ok, HEAD_DIM, BLOCK_D)
-        visible = own_visible(n_ok[None, :], offs_n[None, :], qi[:, None], diag, window, CAUSAL_MASK, WINDOW_MASK)
-        if HAS_KPM:
-            visible = visible & (tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0) != 0)[None, :]
-        p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, DOT_PRECISION)
+        if CAUSAL_MASK or WINDOW_MASK or HAS_KPM:
+            visible = own_visible(n_ok[None, :], offs_n[None, :], qi[:, None], diag, window, CAUSAL_MASK, WINDOW_MASK)
+            if HAS_KPM:
+                visible = visible & (tl.load(KPM + offs_n * stride_mn, mask=n_ok, other=0) != 0)[None, :]
+            p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, visible, qk_scale, True, DOT_PRECISION)
+        else:
+            p, ds = _probs_and_dscores(q, do, lse2, delta, k, v, None, qk_scale, False, DOT_PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -286,7 +300,8 @@ def _bwd_dprefix_kernel(
             stride_dob, stride_doh, stride_dom, stride_dod,
             stride_lb, stride_lh, stride_lm, N_Q,
             GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
-        p_t, ds_t = _probs_and_dscores_t(q, do, lse2, delta, pk, pv, n_ok[:, None], qk_scale, DOT_PRECISION)
+        # Every row sees every prefix key; keys past P load as 0 and their rows are not stored.
+        p_t, ds_t = _probs_and_dscores_t(q, do, lse2, delta, pk, pv, None, qk_scale, False, DOT_PRECISION)
         dpv = tl.dot(p_t.to(do.dtype), do, dpv, input_precision=DOT_PRECISION)
         dpk = tl.dot(ds_t.to(q.dtype), q, dpk, input_precision=DOT_PRECISION)
 
@@ -300,7 +315,7 @@ def _bwd_dprefix_kernel(
 # Tuned per head dim, GQA group, mask kind and size class; pruned to the tiles the static
 # audit clears on this device and the shape needs. The prefix-gradient kernel is not tuned
 # (utils.dprefix_tile), so the prefix gradient's summation order never depends on timing.
-_KEY = ["BLOCK_D", "GROUP", "DOT_PRECISION", "IS_CAUSAL", "HAS_WINDOW", "TUNE_ROWS", "TUNE_NK"]
+_KEY = ["BLOCK_D", "GROUP", "DOT_PRECISION", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "TUNE_ROWS", "TUNE_NK"]
 _dkdv_autotuned = triton.autotune(
     configs=configs(DKDV_SPACE),
     key=_KEY,
