@@ -94,12 +94,16 @@ DKDV_SPACE = [  # BLOCK_N: own keys whose dK, dV stay in registers (the MMA's M 
     Tile(32, 128, 8, 3, {9: (64, 128), 8: (64, 128)}),  # the Triton tutorial's dK/dV tile
     Tile(64, 128, 8, 2, {9: (64, 128), 8: (64, 128)}),  # spilled 560-680 B before the transposed form
     Tile(64, 64, 8, 2, {9: (64, 128), 8: (64, 128)}),
+    Tile(64, 128, 8, 3, {9: (64,)}),  # sm_90: three row-tile stages in flight (81 KiB at D = 64)
+    Tile(64, 64, 8, 3, {9: (64, 128)}),  # sm_90: the same at 64 keys (129 KiB at D = 128)
     Tile(32, 64, 4, 2, {9: (64, 128), 8: (64, 128)}),  # short sequences, one warpgroup
     Tile(128, 32, 8, 2, {9: _ALL, 8: (64,)}),  # sm_90, D = 256 (mma.sync: 32 keys are too few for wgmma)
     Tile(16, 32, 4, 2, {9: _ALL, 8: _ALL}),  # the fallback that fits everywhere (sm_80, D = 256)
 ]
 DQ_SPACE = [  # BLOCK_M: rows whose dQ stays in registers; BLOCK_N: keys per loop trip
+    Tile(128, 64, 8, 3, {9: (64, 128)}),  # sm_90: three K/V stages in flight (160 KiB at D = 128)
     Tile(128, 64, 8, 2, {9: (64, 128), 8: (64,)}),
+    Tile(64, 64, 8, 3, {9: (128,)}),  # sm_90, D = 128: 64 rows, three stages (128 KiB)
     Tile(64, 128, 8, 2, {9: (64, 128), 8: (128,)}),
     Tile(64, 64, 8, 2, {9: (64, 128), 8: _ALL}),
     Tile(128, 32, 8, 2, {9: _ALL, 8: (64, 128)}),  # sm_90, D = 256
