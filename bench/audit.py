@@ -147,8 +147,9 @@ class Row:
     findings: list = field(default_factory=list)
 
 
-_FP32_POINTERS = {"Lse", "Delta", "DLse", "DPK", "DPV"}
-_INT_ARGS = {"H_KV", "N_Q", "N_K", "P", "WINDOW", "B", "SPLITS", "H", "TUNE_ROWS", "TUNE_NK", "TUNE_P"}
+_FP32_POINTERS = {"Lse", "Delta", "DLse", "DPK", "DPV", "OInit", "LInit", "OP", "LP"}
+_INT_ARGS = {"H_KV", "N_Q", "N_K", "P", "WINDOW", "B", "SPLITS", "H", "TUNE_ROWS", "TUNE_NK", "TUNE_P",
+             "INIT_SPLITS", "ROWS", "BLOCKS_PER_SPLIT"}  # fmt: skip
 _FLOAT_ARGS = {"qk_scale", "sm_scale"}
 
 
@@ -165,11 +166,11 @@ def _signature(fn, dtype: str, constexprs: dict, fp32_pointers: set[str]):
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         elif name.startswith("stride_"):
-            if name.endswith("d") or name in ("stride_mn", "stride_lm"):
+            if name.endswith("d") or name in ("stride_mn", "stride_lm", "stride_jm"):
                 const[name] = 1
                 continue
             sig[name] = "i32"
-            if not name.startswith(("stride_l", "stride_m")):
+            if not name.startswith(("stride_l", "stride_m", "stride_j")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:  # a tensor pointer
             sig[name] = "*u8" if name == "KPM" else ("*fp32" if name in fp32_pointers else f"*{dtype}")
@@ -185,7 +186,9 @@ def triton_kernels():
 
     causal = dict(IS_CAUSAL=True, HAS_WINDOW=False, HAS_KPM=False)
     return {
-        "fwd": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True)),
+        "fwd": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=False)),
+        "fwd after prefix pass": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=True)),
+        "fwd prefix pass": (fwd._prefix_pass_kernel, dict(SCALE_POSITIVE=True)),
         "bwd dk/dv": (bwd._bwd_dkdv_kernel, causal),
         "bwd dq": (bwd._bwd_dq_kernel, causal),
         "bwd dprefix": (bwd._bwd_dprefix_kernel, {}),
@@ -195,12 +198,19 @@ def triton_kernels():
 def choosable(archs) -> list[tuple]:
     """Every (kernel, tile, head dim, arch) the kernels can run: each autotune space's tiles
     at the head dims and architectures where ``Tile.fits`` admits them (so the device-side
-    pruning), and the prefix-gradient kernel's fixed tile at every head dim."""
+    pruning; the forward's space also serves the shared-prefix pass, whose tile is picked
+    from it by rule), and the prefix-gradient kernel's fixed tile at every head dim."""
     from reasoncache.kernels import utils
+    from reasoncache.kernels.fwd import SHARED_PREFIX_MAX_ROWS
 
     out = []
-    for name, space in (("fwd", utils.FWD_SPACE), ("bwd dk/dv", utils.DKDV_SPACE), ("bwd dq", utils.DQ_SPACE)):
+    fwd = utils.FWD_SPACE
+    spaces = [("fwd", fwd), ("fwd after prefix pass", fwd), ("fwd prefix pass", fwd),
+              ("bwd dk/dv", utils.DKDV_SPACE), ("bwd dq", utils.DQ_SPACE)]  # fmt: skip
+    for name, space in spaces:
         for t in space:
+            if name == "fwd after prefix pass" and t.block_m > SHARED_PREFIX_MAX_ROWS:
+                continue  # the pass runs only for that many rows per sequence, and the pruner follows the rows
             out += [(name, t, D, arch) for arch in archs for D in t.fits.get(arch // 10, ())]
     for D in utils._ALL:
         t = utils.dprefix_tile(D)
@@ -233,7 +243,7 @@ def _compile_triton(job: tuple) -> dict:
         sass, in_loops = sass_counts(text), loop_spill_ops(text)
     finally:
         os.unlink(f.name)
-    i64 = bool(re.search(r"arith\.muli [^\n]*: i64", k.asm["ttir"]))
+    i64 = bool(re.search(r"arith\.muli [^\n]*: (?:tensor<[^>\n]*x)?i64\b", k.asm["ttir"]))
     return asdict(Row("triton", kname, f"sm_{arch}", dtype, D, f"{bm}x{bn} w{warps} s{stages}", usage["regs"],
                       usage["spill_bytes"], k.metadata.shared, sass, in_loops, round(secs, 1), i64))  # fmt: skip
 
@@ -256,7 +266,7 @@ def triton_findings(row: dict) -> list[str]:
     if row["smem_bytes"] > limit:
         found.append(f"shared {row['smem_bytes'] / 1024:.0f} KiB > {limit / 1024:.0f} KiB")
     block_m = int(row["config"].split("x")[0])
-    if row["target"] == "sm_90" and row["kernel"] == "fwd" and block_m >= 64 and not row["sass"]["HGMMA"]:
+    if row["target"] == "sm_90" and row["kernel"].startswith("fwd") and block_m >= 64 and not row["sass"]["HGMMA"]:
         found.append("no wgmma on sm_90")
     if row["i64_offsets"] is False:
         found.append("32-bit batch offsets")

@@ -2,7 +2,10 @@
 
 Methods (attention of one layer per decode step, same inputs, checked first):
   reasoncache-<backend>  the fused op: every sequence reads the one shared prefix (the
-                         CUDA backend batches all sequences' queries against it, Hydragen)
+                         CUDA and Triton backends batch all sequences' queries against it,
+                         Hydragen)
+  triton-per-sequence    the Triton forward with that pass off: each (sequence, KV head)
+                         program reads the prefix itself (what the pass saves)
   sdpa-copied-prefix     the prefix copied into every sequence's KV cache (what
                          PEFT prefix tuning and in-context prompts do), then SDPA;
                          the copy is made once, outside the timed step, as a real
@@ -89,6 +92,14 @@ def run_shape(s: DecodeShape, device: str, backends: list[str]) -> list[dict]:
         f"reasoncache-{b}": (lambda b=b: reasoncache.prefix_attention(q, k, v, pk, pv, backend=b), "shared")
         for b in backends
     }
+    if "triton" in backends:
+
+        def per_sequence():
+            from reasoncache.kernels.fwd import prefix_attention_fwd
+
+            return prefix_attention_fwd(q, k, v, pk, pv, None, True, s.D**-0.5, shared_prefix=False)[0]
+
+        methods["triton-per-sequence"] = (per_sequence, "shared")
     methods["sdpa-copied-prefix"] = (lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=gqa), "copied")
     rows = []
     for name, (fn, kind) in methods.items():

@@ -22,7 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import FWD_SPACE, LN2, LOG2E, configs, dot_precision, launch_meta, own_visible, pruner, tune_bucket
+from .utils import (
+    FWD_SPACE,
+    LN2,
+    LOG2E,
+    configs,
+    dot_precision,
+    fwd_pass_tile,
+    launch_meta,
+    own_visible,
+    pruner,
+    tune_bucket,
+)
 
 
 @triton.jit
@@ -103,7 +114,7 @@ def _fwd_blocks(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, KPM, Out, Lse,
+    Q, K, V, PK, PV, KPM, Out, Lse, OInit, LInit,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -112,13 +123,19 @@ def _fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    H_KV, N_Q, N_K, P, WINDOW, qk_scale,
+    stride_is, stride_ib, stride_ih, stride_im, stride_id,
+    stride_js, stride_jb, stride_jh, stride_jm,
+    H_KV, N_Q, N_K, P, WINDOW, qk_scale, INIT_SPLITS,
     TUNE_ROWS, TUNE_NK, TUNE_P,  # size classes for the autotune key only (utils.tune_bucket)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One (row tile, batch x KV head) program. ``HAS_INIT``: start from ``INIT_SPLITS``
+    partial results ``OInit [S, B, Hq, Nq, D]`` (normalised) and ``LInit [S, B, Hq, Nq]``
+    (their lse) instead of from nothing; the shared-prefix pass leaves the prefix's part
+    there and this kernel then runs with ``P = 0``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)  # 64-bit batch offsets: a batch may hold >= 2^31 elements
@@ -138,6 +155,21 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_INIT:
+        # A normalised partial o_s with lse_s is the state (acc = o_s, m = lse_s in base 2,
+        # l = 1); states merge like any two key blocks of the online softmax.
+        for split in range(0, INIT_SPLITS):
+            o_s = tl.load(OInit + split * stride_is + b * stride_ib + h[:, None] * stride_ih + qi[:, None] * stride_im
+                          + offs_d[None, :] * stride_id, mask=io_mask, other=0.0)
+            m_s = tl.load(LInit + split * stride_js + b * stride_jb + h * stride_jh + qi * stride_jm,
+                          mask=row_ok, other=float("-inf")) * LOG2E
+            m_new = tl.maximum(m_i, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            beta = tl.math.exp2(m_s - m_safe)
+            acc = acc * alpha[:, None] + o_s * beta[:, None]
+            l_i = l_i * alpha + beta
+            m_i = m_new
 
     # Keys in two loops of the same shape, each running prefix blocks then own blocks:
     #   interior: the whole prefix blocks, then the own blocks every row of the tile sees whole;
@@ -188,6 +220,96 @@ def _fwd_kernel(
     tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_lm, lse, mask=row_ok)
 
 
+@triton.jit
+def _prefix_pass_kernel(
+    Q, PK, PV, OP, LP,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_pkh, stride_pkn, stride_pkd,
+    stride_pvh, stride_pvn, stride_pvd,
+    stride_os, stride_ob, stride_oh, stride_om, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_lm,
+    N_Q, ROWS, P, BLOCKS_PER_SPLIT, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Decode's shared-prefix pass (Hydragen's inter-sequence batching): the rows of
+    EVERY sequence of one KV head, ``ROWS = B x N_Q x GROUP``, form one tile problem
+    against the prefix, so a prefix tile is read once per ``BLOCK_M`` rows of the whole
+    batch instead of once per sequence. Program (row tile, KV head, split) covers prefix
+    blocks ``[split x BLOCKS_PER_SPLIT, ...)`` and writes its normalised partial and lse
+    to ``OP [S, B, Hq, Nq, D]``, ``LP [S, B, Hq, Nq]`` (fp32)."""
+    pid_m = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    per_seq = N_Q * GROUP
+    b = (rows // per_seq).to(tl.int64)  # 64-bit batch offsets
+    qi = (rows % per_seq) // GROUP
+    h = hk * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b[:, None] * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=io_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    PK_h = PK + hk * stride_pkh
+    PV_h = PV + hk * stride_pvh
+    n_full = P // BLOCK_N
+    j_lo = split * BLOCKS_PER_SPLIT
+    j_hi = tl.minimum(j_lo + BLOCKS_PER_SPLIT, tl.cdiv(P, BLOCK_N))
+    whole = tl.maximum(tl.minimum(j_hi, n_full) - j_lo, 0)
+    tail = ((n_full < j_hi) & (P % BLOCK_N != 0)).to(tl.int32)
+    # Own-key arguments are unused: every block here is a prefix block.
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, qi, PK_h, PV_h, PK_h, PV_h, PK_h,
+        stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
+        whole, whole, j_lo * BLOCK_N, 0, P, 0, 0, 0, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, SCALE_POSITIVE, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, qi, PK_h, PV_h, PK_h, PV_h, PK_h,
+        stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
+        tail, tail, n_full * BLOCK_N, 0, P, 0, 0, 0, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, False, False, False, SCALE_POSITIVE, DOT_PRECISION)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(OP + split * stride_os + b[:, None] * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
+             + offs_d[None, :] * stride_od, out, mask=io_mask)
+    tl.store(LP + split * stride_ls + b * stride_lb + h * stride_lh + qi * stride_lm, lse, mask=row_ok)
+
+
+# Up to this many packed rows per sequence (Nq x GROUP), the forward first runs the
+# shared-prefix pass across the batch (decode, speculative verification, short chunks).
+SHARED_PREFIX_MAX_ROWS = 64
+
+
+def shared_prefix_plan(B: int, rows: int, P: int, hkv: int, block_d: int, device: torch.device, force: bool = False):
+    """(tile, splits, blocks per split) of the shared-prefix pass for ``B`` sequences of
+    ``rows`` packed rows each, or None where the plain forward is the better launch: more
+    rows per sequence than ``SHARED_PREFIX_MAX_ROWS``, no prefix, or one sequence with a
+    single prefix tile. Fixed, never autotuned: no timing decides it, so nothing is looked
+    up or benchmarked per decode step. Splits over the prefix fill about two waves of the
+    GPU when the batch alone does not. ``force``: a plan for one sequence with one prefix
+    tile too. Rows above the limit never get one, so the own-key pass that merges the
+    partials always runs a tile of at most that many rows (the audit checks those)."""
+    if P == 0 or rows > SHARED_PREFIX_MAX_ROWS:
+        return None
+    tile = fwd_pass_tile(B * rows, block_d, device)
+    p_blocks = triton.cdiv(P, tile.block_n)
+    if B == 1 and p_blocks == 1 and not force:
+        return None
+    programs = triton.cdiv(B * rows, tile.block_m) * hkv
+    if device.type == "cuda":
+        want = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    else:
+        want = 2  # the interpreter: exercise the merge
+    per_split = triton.cdiv(p_blocks, max(1, min(want, p_blocks, 16)))
+    return tile, triton.cdiv(p_blocks, per_split), per_split
+
+
 def prefix_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -198,12 +320,16 @@ def prefix_attention_fwd(
     causal: bool,
     softmax_scale: float,
     window: int = 0,
+    shared_prefix: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by the caller.
 
     Shapes: q ``[B, Hq, Nq, D]`` (any strides), k/v ``[B, Hkv, Nk, D]``, prefix_k/v
     ``[Hkv, P, D]``, key_padding_mask ``[B, Nk]`` bool or None, window > 0 a causal sliding
-    window over own keys (0: none).
+    window over own keys (0: none). ``shared_prefix``: run the prefix as one tile problem
+    across the batch first (``_prefix_pass_kernel``); None decides by ``shared_prefix_plan``
+    (decode-sized rows), True also for one sequence with one prefix tile, False never
+    (tests and benchmarks compare both).
     Returns out ``[B, Hq, Nq, D]`` (contiguous, q's dtype) and lse ``[B, Hq, Nq]`` fp32.
     """
     B, Hq, Nq, D = q.shape
@@ -216,20 +342,42 @@ def prefix_attention_fwd(
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q.new_empty((1, 1), dtype=torch.uint8)
     meta = launch_meta(q)
     group = Hq // Hkv
+    qk_scale = softmax_scale * LOG2E.value
+    prec = dot_precision(q.dtype)
+
+    plan = None
+    if shared_prefix is not False:
+        plan = shared_prefix_plan(B, Nq * group, P, Hkv, meta["BLOCK_D"], q.device, force=bool(shared_prefix))
+    if plan is not None:
+        tile, splits, per_split = plan
+        part_o = torch.empty((splits, B, Hq, Nq, D), dtype=torch.float32, device=q.device)
+        part_l = torch.empty((splits, B, Hq, Nq), dtype=torch.float32, device=q.device)
+        _prefix_pass_kernel[(triton.cdiv(B * Nq * group, tile.block_m), Hkv, splits)](
+            q, prefix_k, prefix_v, part_o, part_l,
+            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *part_o.stride(), *part_l.stride(),
+            Nq, B * Nq * group, P, per_split, qk_scale,
+            GROUP=group, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, SCALE_POSITIVE=softmax_scale >= 0,
+            DOT_PRECISION=prec, num_warps=tile.warps, num_stages=tile.stages, **meta)
+        own_p = 0  # the prefix is done: the own-key pass starts from its partials
+    else:
+        part_o = part_l = lse  # unused
+        splits, own_p = 0, P
 
     def grid(cfg):
         return (triton.cdiv(Nq * group, cfg["BLOCK_M"]), B * Hkv)
 
+    init_o = part_o.stride() if plan is not None else (0,) * 5
+    init_l = part_l.stride() if plan is not None else (0,) * 4
     _fwd_autotuned[grid](
-        q, k, v, prefix_k, prefix_v, kpm, out, lse,
+        q, k, v, prefix_k, prefix_v, kpm, out, lse, part_o, part_l,
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_k.stride(), *prefix_v.stride(), *kpm.stride(),
-        *out.stride(), *lse.stride(),
-        Hkv, Nq, Nk, P, window, softmax_scale * LOG2E.value,
-        tune_bucket(Nq * group), tune_bucket(Nk), tune_bucket(P),
+        *out.stride(), *lse.stride(), *init_o, *init_l,
+        Hkv, Nq, Nk, own_p, window, qk_scale, splits,
+        tune_bucket(Nq * group), tune_bucket(Nk), tune_bucket(own_p),
         GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
-        SCALE_POSITIVE=softmax_scale >= 0,
-        DOT_PRECISION=dot_precision(q.dtype), **meta,
+        SCALE_POSITIVE=softmax_scale >= 0, HAS_INIT=plan is not None,
+        DOT_PRECISION=prec, **meta,
     )
     return out, lse
 
@@ -238,6 +386,7 @@ def prefix_attention_fwd(
 # prefix; pruned to the tiles the static audit clears on this device and the rows need.
 _fwd_autotuned = triton.autotune(
     configs=configs(FWD_SPACE),
-    key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "DOT_PRECISION", "TUNE_ROWS", "TUNE_NK", "TUNE_P"],
+    key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_INIT", "DOT_PRECISION",
+         "TUNE_ROWS", "TUNE_NK", "TUNE_P"],
     prune_configs_by={"early_config_prune": pruner(FWD_SPACE, "BLOCK_M", lambda a, kw: a["N_Q"] * kw["GROUP"])},
 )(_fwd_kernel)

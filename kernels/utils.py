@@ -132,6 +132,18 @@ def dprefix_tile(block_d: int) -> Tile:
     return Tile(16, 32, 4, 2, {9: _ALL, 8: _ALL})
 
 
+def fwd_pass_tile(rows: int, block_d: int, device: torch.device) -> Tile:
+    """The shared-prefix pass's tile (kernels/fwd.py), chosen by rule, not by timing: the
+    first forward tile the audit clears on this device at this head dim whose row count
+    the rows can fill (else the smallest), as the autotuner's pruning would keep."""
+    if interpreting() or device.type != "cuda":
+        return _INTERPRETER_TILE
+    major = torch.cuda.get_device_capability(device)[0]
+    fit = [t for t in FWD_SPACE if t.allows(major, block_d)]
+    need = max(16, triton.next_power_of_2(max(1, rows)))
+    return next((t for t in fit if t.block_m <= need), min(fit, key=lambda t: t.block_m))
+
+
 def tune_bucket(n: int) -> int:
     """Coarse size class for the autotune keys (0, 16, 64, 256, 1024, 4096): a new class
     tunes again, a new length within one does not. The kernels take these as ``TUNE_*``

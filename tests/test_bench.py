@@ -46,7 +46,7 @@ def test_decode_bench_checks_and_reports_cache_sizes():
 
     rows = decode.run_shape(decode.DecodeShape(3, 16, 8, 4, 2, 16, "fp32"), "cpu", ["torch", "triton"])
     by = {r["method"]: r for r in rows}
-    for name in ("reasoncache-torch", "reasoncache-triton", "sdpa-copied-prefix"):  # triton: the interpreter
+    for name in ("reasoncache-torch", "reasoncache-triton", "triton-per-sequence", "sdpa-copied-prefix"):  # interpreter
         assert by[name]["max_err"] < 1e-4 and by[name]["step_ms"] > 0
     # the shared prefix is stored once, the copied one per sequence
     assert by["reasoncache-torch"]["kv_cache_mb"] < by["sdpa-copied-prefix"]["kv_cache_mb"]

@@ -138,3 +138,42 @@ def test_expanded_upstream_gradients():
     )
     for g, w in zip(got, want):
         assert max_err(g, w) < 2e-5
+
+
+DECODE_CASES = [
+    Case(B=3, Hq=8, Hkv=2, Nq=1, Nk=40, P=70, D=32),  # five prefix tiles: two splits merged in the own pass
+    Case(B=2, Hq=4, Hkv=1, Nq=3, Nk=20, P=33, D=64, pad="left"),  # speculative verification, padded own keys
+    Case(B=3, Hq=4, Hkv=2, Nq=2, Nk=50, P=17, D=32, window=8),  # sliding window on own keys only
+    Case(B=1, Hq=2, Hkv=1, Nq=1, Nk=5, P=40, D=16),  # one sequence: the pass still splits the prefix
+    Case(B=2, Hq=2, Hkv=2, Nq=1, Nk=0, P=20, D=32, causal=False),  # no own keys at all
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_shared_prefix_pass_equals_the_plain_forward_and_the_oracle(case):
+    """Decode's shared-prefix pass (all sequences' rows of a KV head as one tile problem
+    against the prefix, split over prefix tiles, merged into the own-key pass) against the
+    fp64 oracle, forced on and off; the op's own choice takes it at these shapes."""
+    from reasoncache.kernels.fwd import prefix_attention_fwd, shared_prefix_plan
+
+    tensors, mask = make_inputs(case)
+    plain = [t.detach() for t in tensors]
+    ref_out, ref_lse, _ = oracle(tensors, mask, torch.zeros(case.B, case.Hq, case.Nq, case.D),
+                                 torch.zeros(case.B, case.Hq, case.Nq), case.causal, window=case.window)  # fmt: skip
+    args = (*plain, mask, case.causal, case.D**-0.5, case.window or 0)
+    for forced in (True, False):
+        out, lse = prefix_attention_fwd(*args, shared_prefix=forced)
+        assert max_err(out, ref_out) < 1e-5, f"shared_prefix={forced}"
+        assert max_err(lse, ref_lse) < 1e-5, f"shared_prefix={forced}"
+    plan = shared_prefix_plan(case.B, case.Nq * case.Hq // case.Hkv, case.P, case.Hkv, 32, plain[0].device)
+    assert plan is not None and plan[1] == 2, "the op takes the pass, split in two, at decode shapes"
+
+
+def test_shared_prefix_pass_is_skipped_where_it_cannot_help():
+    from reasoncache.kernels.fwd import SHARED_PREFIX_MAX_ROWS, shared_prefix_plan
+
+    cpu = torch.device("cpu")
+    assert shared_prefix_plan(4, SHARED_PREFIX_MAX_ROWS + 1, 64, 2, 64, cpu) is None  # prefill-sized rows
+    assert shared_prefix_plan(4, 4, 0, 2, 64, cpu) is None  # no prefix
+    assert shared_prefix_plan(1, 4, 10, 2, 64, cpu) is None  # one sequence, one prefix tile
+    assert shared_prefix_plan(1, 4, 10, 2, 64, cpu, force=True) is not None
