@@ -147,9 +147,9 @@ class Row:
     findings: list = field(default_factory=list)
 
 
-_FP32_POINTERS = {"Lse", "Delta", "DLse", "DPK", "DPV", "OInit", "LInit", "OP", "LP"}
+_FP32_POINTERS = {"Lse", "Delta", "DLse", "DPK", "DPV", "OInit", "LInit", "OP", "LP", "SplitO", "SplitL"}
 _INT_ARGS = {"H_KV", "N_Q", "N_K", "P", "WINDOW", "B", "SPLITS", "H", "TUNE_ROWS", "TUNE_NK", "TUNE_P",
-             "INIT_SPLITS", "ROWS", "BLOCKS_PER_SPLIT"}  # fmt: skip
+             "INIT_SPLITS", "ROWS", "BLOCKS_PER_SPLIT", "KV_CHUNK"}  # fmt: skip
 _FLOAT_ARGS = {"qk_scale", "sm_scale"}
 
 
@@ -166,14 +166,15 @@ def _signature(fn, dtype: str, constexprs: dict, fp32_pointers: set[str]):
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         elif name.startswith("stride_"):
-            if name.endswith("d") or name in ("stride_mn", "stride_lm", "stride_jm"):
+            if name.endswith("d") or name in ("stride_mn", "stride_lm", "stride_jm", "stride_tm"):
                 const[name] = 1
                 continue
             sig[name] = "i32"
-            if not name.startswith(("stride_l", "stride_m", "stride_j")):
+            if not name.startswith(("stride_l", "stride_m", "stride_j", "stride_t")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:  # a tensor pointer
-            sig[name] = "*u8" if name == "KPM" else ("*fp32" if name in fp32_pointers else f"*{dtype}")
+            typed = {"KPM": "*u8", "Tickets": "*i32"}
+            sig[name] = typed.get(name) or ("*fp32" if name in fp32_pointers else f"*{dtype}")
             attrs[(i,)] = [["tt.divisibility", 16]]
     for name in const:
         sig[name] = "constexpr"
@@ -186,8 +187,9 @@ def triton_kernels():
 
     causal = dict(IS_CAUSAL=True, HAS_WINDOW=False, HAS_KPM=False)
     return {
-        "fwd": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=False)),
-        "fwd after prefix pass": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=True)),
+        "fwd": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=False, SPLIT_KV=False)),
+        # decode: the own-key pass that merges the prefix pass's partials, split over own keys
+        "fwd decode own keys": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=True, SPLIT_KV=True)),
         "fwd prefix pass": (fwd._prefix_pass_kernel, dict(SCALE_POSITIVE=True)),
         "bwd dk/dv": (bwd._bwd_dkdv_kernel, causal),
         "bwd dq": (bwd._bwd_dq_kernel, causal),
@@ -205,11 +207,11 @@ def choosable(archs) -> list[tuple]:
 
     out = []
     fwd = utils.FWD_SPACE
-    spaces = [("fwd", fwd), ("fwd after prefix pass", fwd), ("fwd prefix pass", fwd),
+    spaces = [("fwd", fwd), ("fwd decode own keys", fwd), ("fwd prefix pass", fwd),
               ("bwd dk/dv", utils.DKDV_SPACE), ("bwd dq", utils.DQ_SPACE)]  # fmt: skip
     for name, space in spaces:
         for t in space:
-            if name == "fwd after prefix pass" and t.block_m > SHARED_PREFIX_MAX_ROWS:
+            if name == "fwd decode own keys" and t.block_m > SHARED_PREFIX_MAX_ROWS:
                 continue  # the pass runs only for that many rows per sequence, and the pruner follows the rows
             out += [(name, t, D, arch) for arch in archs for D in t.fits.get(arch // 10, ())]
     for D in utils._ALL:

@@ -113,8 +113,31 @@ def _fwd_blocks(
 
 
 @triton.jit
+def _merge_partials(
+    acc, l_i, m_i, PartO, PartL, b, h, qi, offs_d, io_mask, row_ok, n,
+    stride_s, stride_b, stride_h, stride_m, stride_d, stride_ls, stride_lb, stride_lh, stride_lm,
+):
+    """Merge ``n`` normalised partials ``PartO [n, B, Hq, Nq, D]`` with their lse ``PartL``
+    into the online-softmax state, in order: partial ``s`` is the state (o_s, lse_s in base
+    2, 1). Loads go through L2 (``.cg``): other programs may have just written them."""
+    for s in range(0, n):
+        o_s = tl.load(PartO + s * stride_s + b * stride_b + h[:, None] * stride_h + qi[:, None] * stride_m
+                      + offs_d[None, :] * stride_d, mask=io_mask, other=0.0, cache_modifier=".cg")
+        m_s = tl.load(PartL + s * stride_ls + b * stride_lb + h * stride_lh + qi * stride_lm,
+                      mask=row_ok, other=float("-inf"), cache_modifier=".cg") * LOG2E
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        beta = tl.math.exp2(m_s - m_safe)
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        l_i = l_i * alpha + beta
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, KPM, Out, Lse, OInit, LInit,
+    Q, K, V, PK, PV, KPM, Out, Lse, OInit, LInit, SplitO, SplitL, Tickets,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -125,19 +148,29 @@ def _fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_is, stride_ib, stride_ih, stride_im, stride_id,
     stride_js, stride_jb, stride_jh, stride_jm,
-    H_KV, N_Q, N_K, P, WINDOW, qk_scale, INIT_SPLITS,
+    stride_ss, stride_sb, stride_sh, stride_sm, stride_sd,
+    stride_ts, stride_tb, stride_th, stride_tm,
+    H_KV, N_Q, N_K, P, WINDOW, qk_scale, INIT_SPLITS, KV_CHUNK,
     TUNE_ROWS, TUNE_NK, TUNE_P,  # size classes for the autotune key only (utils.tune_bucket)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
-    HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_INIT: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One (row tile, batch x KV head) program. ``HAS_INIT``: start from ``INIT_SPLITS``
-    partial results ``OInit [S, B, Hq, Nq, D]`` (normalised) and ``LInit [S, B, Hq, Nq]``
-    (their lse) instead of from nothing; the shared-prefix pass leaves the prefix's part
-    there and this kernel then runs with ``P = 0``."""
+    """One (row tile, batch x KV head, own-key split) program. ``HAS_INIT``: start from
+    ``INIT_SPLITS`` partial results ``OInit [S, B, Hq, Nq, D]`` (normalised) and ``LInit
+    [S, B, Hq, Nq]`` (their lse) instead of from nothing; the shared-prefix pass leaves the
+    prefix's part there and this kernel then runs with ``P = 0``.
+
+    ``SPLIT_KV`` (decode with few sequences): split ``s`` takes own keys ``[s x KV_CHUNK,
+    (s + 1) x KV_CHUNK)`` (``KV_CHUNK`` a multiple of every ``BLOCK_N``), split 0 also the
+    prefix or its partials; each writes a normalised partial to ``SplitO``/``SplitL``, and
+    the last of a tile's splits to finish (a ticket per tile in ``Tickets``, left at 0
+    again) merges them in split order into ``Out``/``Lse``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    first = split == 0
     b = (pid_bh // H_KV).to(tl.int64)  # 64-bit batch offsets: a batch may hold >= 2^31 elements
     hk = pid_bh % H_KV
 
@@ -158,18 +191,9 @@ def _fwd_kernel(
     if HAS_INIT:
         # A normalised partial o_s with lse_s is the state (acc = o_s, m = lse_s in base 2,
         # l = 1); states merge like any two key blocks of the online softmax.
-        for split in range(0, INIT_SPLITS):
-            o_s = tl.load(OInit + split * stride_is + b * stride_ib + h[:, None] * stride_ih + qi[:, None] * stride_im
-                          + offs_d[None, :] * stride_id, mask=io_mask, other=0.0)
-            m_s = tl.load(LInit + split * stride_js + b * stride_jb + h * stride_jh + qi * stride_jm,
-                          mask=row_ok, other=float("-inf")) * LOG2E
-            m_new = tl.maximum(m_i, m_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            beta = tl.math.exp2(m_s - m_safe)
-            acc = acc * alpha[:, None] + o_s * beta[:, None]
-            l_i = l_i * alpha + beta
-            m_i = m_new
+        acc, l_i, m_i = _merge_partials(
+            acc, l_i, m_i, OInit, LInit, b, h, qi, offs_d, io_mask, row_ok, tl.where(first, INIT_SPLITS, 0),
+            stride_is, stride_ib, stride_ih, stride_im, stride_id, stride_js, stride_jb, stride_jh, stride_jm)
 
     # Keys in two loops of the same shape, each running prefix blocks then own blocks:
     #   interior: the whole prefix blocks, then the own blocks every row of the tile sees whole;
@@ -195,6 +219,13 @@ def _fwd_kernel(
     else:
         full_end = (N_K // BLOCK_N) * BLOCK_N
         own_end = N_K
+    if SPLIT_KV:  # this split's share of the own keys; only split 0 takes the prefix
+        split_end = (split + 1) * KV_CHUNK
+        own_lo = tl.minimum(tl.maximum(own_lo, split * KV_CHUNK), split_end)  # <= split_end: empty, not negative
+        full_end = tl.minimum(tl.maximum(full_end, own_lo), split_end)
+        own_end = tl.minimum(tl.maximum(own_end, full_end), split_end)
+        n_prefix_full = tl.where(first, n_prefix_full, 0)
+        prefix_tail = tl.where(first, prefix_tail, 0)
     n_own_full = (full_end - own_lo) // BLOCK_N
     n_own_edge = tl.cdiv(tl.maximum(own_end - full_end, 0), BLOCK_N)
     PK_h = PK + hk * stride_pkh
@@ -215,9 +246,34 @@ def _fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    tl.store(Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
-             + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty), mask=io_mask)
-    tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_lm, lse, mask=row_ok)
+    out_ptrs = Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :] * stride_od
+    lse_ptrs = Lse + b * stride_lb + h * stride_lh + qi * stride_lm
+    if SPLIT_KV:
+        tl.store(SplitO + split * stride_ss + b * stride_sb + h[:, None] * stride_sh + qi[:, None] * stride_sm
+                 + offs_d[None, :] * stride_sd, out, mask=io_mask)
+        tl.store(SplitL + split * stride_ts + b * stride_tb + h * stride_th + qi * stride_tm, lse, mask=row_ok)
+        # CUTLASS's semaphore pattern: every thread's partial is written before the CTA
+        # barrier, and the ticket's atomic (acq_rel, GPU scope) publishes them; the last
+        # split to take a ticket reads all partials (.cg: from L2, not a stale L1).
+        tl.debug_barrier()
+        ticket_ptr = Tickets + pid_bh * tl.num_programs(0) + pid_m
+        n_splits = tl.num_programs(2)
+        if tl.atomic_add(ticket_ptr, 1) == n_splits - 1:
+            m_f = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_f = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc_f = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            acc_f, l_f, m_f = _merge_partials(
+                acc_f, l_f, m_f, SplitO, SplitL, b, h, qi, offs_d, io_mask, row_ok, n_splits,
+                stride_ss, stride_sb, stride_sh, stride_sm, stride_sd, stride_ts, stride_tb, stride_th, stride_tm)
+            empty = l_f == 0.0
+            out = acc_f / tl.where(empty, 1.0, l_f)[:, None]
+            lse = tl.where(empty, float("-inf"), (m_f + tl.math.log2(tl.where(empty, 1.0, l_f))) * LN2)
+            tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=io_mask)
+            tl.store(lse_ptrs, lse, mask=row_ok)
+            tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
+    else:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=io_mask)
+        tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
@@ -321,6 +377,7 @@ def prefix_attention_fwd(
     softmax_scale: float,
     window: int = 0,
     shared_prefix: bool | None = None,
+    kv_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by the caller.
 
@@ -329,7 +386,8 @@ def prefix_attention_fwd(
     window over own keys (0: none). ``shared_prefix``: run the prefix as one tile problem
     across the batch first (``_prefix_pass_kernel``); None decides by ``shared_prefix_plan``
     (decode-sized rows), True also for one sequence with one prefix tile, False never
-    (tests and benchmarks compare both).
+    (tests and benchmarks compare both). ``kv_splits``: force the split-KV count of
+    decode-sized rows (None: ``own_split_plan`` decides from the device).
     Returns out ``[B, Hq, Nq, D]`` (contiguous, q's dtype) and lse ``[B, Hq, Nq]`` fp32.
     """
     B, Hq, Nq, D = q.shape
@@ -363,30 +421,78 @@ def prefix_attention_fwd(
         part_o = part_l = lse  # unused
         splits, own_p = 0, P
 
+    kv_splits, chunk = own_split_plan(B, Nq * group, Nk, Hkv, q.device, kv_splits)
+    if kv_splits > 1:
+        split_o = torch.empty((kv_splits, B, Hq, Nq, D), dtype=torch.float32, device=q.device)
+        split_l = torch.empty((kv_splits, B, Hq, Nq), dtype=torch.float32, device=q.device)
+        # one ticket per (row tile, batch x KV head); the smallest tile has 16 rows
+        tickets = _tickets(B * Hkv * triton.cdiv(Nq * group, 16), q.device)
+    else:
+        split_o = split_l = tickets = lse  # unused
+
     def grid(cfg):
-        return (triton.cdiv(Nq * group, cfg["BLOCK_M"]), B * Hkv)
+        return (triton.cdiv(Nq * group, cfg["BLOCK_M"]), B * Hkv, kv_splits)
 
     init_o = part_o.stride() if plan is not None else (0,) * 5
     init_l = part_l.stride() if plan is not None else (0,) * 4
     _fwd_autotuned[grid](
-        q, k, v, prefix_k, prefix_v, kpm, out, lse, part_o, part_l,
+        q, k, v, prefix_k, prefix_v, kpm, out, lse, part_o, part_l, split_o, split_l, tickets,
         *q.stride(), *k.stride(), *v.stride(),
         *prefix_k.stride(), *prefix_v.stride(), *kpm.stride(),
         *out.stride(), *lse.stride(), *init_o, *init_l,
-        Hkv, Nq, Nk, own_p, window, qk_scale, splits,
+        *(split_o.stride() if kv_splits > 1 else (0,) * 5), *(split_l.stride() if kv_splits > 1 else (0,) * 4),
+        Hkv, Nq, Nk, own_p, window, qk_scale, splits, chunk,
         tune_bucket(Nq * group), tune_bucket(Nk), tune_bucket(own_p),
         GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
-        SCALE_POSITIVE=softmax_scale >= 0, HAS_INIT=plan is not None,
+        SCALE_POSITIVE=softmax_scale >= 0, HAS_INIT=plan is not None, SPLIT_KV=kv_splits > 1,
         DOT_PRECISION=prec, **meta,
     )
     return out, lse
+
+
+# Split-KV chunks are multiples of this many own keys: a multiple of every BLOCK_N, so a
+# chunk boundary is a block boundary.
+KV_CHUNK_ALIGN = 128
+_TICKETS: dict = {}
+
+
+def _tickets(n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` zeroed int32 tickets on ``device``, allocated once and grown when
+    needed (the kernel leaves them at 0), so a decode step allocates nothing for them.
+    Shared by every launch on the device: two split-KV launches must not run concurrently
+    on different streams."""
+    buf = _TICKETS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = buf
+    return buf
+
+
+def own_split_plan(B: int, rows: int, Nk: int, hkv: int, device: torch.device, splits: int | None = None):
+    """(splits, keys per split) over the own keys for the forward's grid. Only decode-sized
+    rows (at most ``SHARED_PREFIX_MAX_ROWS`` per sequence) split, and only when the
+    sequences and KV heads alone leave the GPU under two waves and every split gets at
+    least 256 keys; at most 16 splits. ``splits`` forces a count (tests, benchmarks)."""
+    whole = (1, max(Nk, 1))
+    if rows > SHARED_PREFIX_MAX_ROWS or Nk == 0:
+        return whole
+    if splits is None:
+        if device.type != "cuda":
+            return whole
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = min(16, triton.cdiv(2 * sms, B * hkv), Nk // 256)
+    if splits <= 1:
+        return whole
+    chunk = triton.cdiv(triton.cdiv(Nk, splits), KV_CHUNK_ALIGN) * KV_CHUNK_ALIGN
+    splits = triton.cdiv(Nk, chunk)
+    return (splits, chunk) if splits > 1 else whole
 
 
 # Tuned per head dim, GQA group, mask kind and size class of rows (Nq x GROUP), own keys and
 # prefix; pruned to the tiles the static audit clears on this device and the rows need.
 _fwd_autotuned = triton.autotune(
     configs=configs(FWD_SPACE),
-    key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_INIT", "DOT_PRECISION",
+    key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_INIT", "SPLIT_KV", "DOT_PRECISION",
          "TUNE_ROWS", "TUNE_NK", "TUNE_P"],
     prune_configs_by={"early_config_prune": pruner(FWD_SPACE, "BLOCK_M", lambda a, kw: a["N_Q"] * kw["GROUP"])},
 )(_fwd_kernel)

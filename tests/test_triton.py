@@ -177,3 +177,26 @@ def test_shared_prefix_pass_is_skipped_where_it_cannot_help():
     assert shared_prefix_plan(4, 4, 0, 2, 64, cpu) is None  # no prefix
     assert shared_prefix_plan(1, 4, 10, 2, 64, cpu) is None  # one sequence, one prefix tile
     assert shared_prefix_plan(1, 4, 10, 2, 64, cpu, force=True) is not None
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False], ids=["prefix-pass", "per-sequence-prefix"])
+@pytest.mark.parametrize("case", [
+    Case(B=2, Hq=4, Hkv=2, Nq=1, Nk=300, P=40, D=32),  # three own-key splits of 128 keys
+    Case(B=1, Hq=8, Hkv=1, Nq=2, Nk=270, P=0, D=16, pad="right"),  # no prefix, a padded tail
+    Case(B=2, Hq=2, Hkv=1, Nq=3, Nk=260, P=20, D=32, window=100),  # the window leaves early splits empty
+], ids=str)  # fmt: skip
+def test_split_kv_decode_merges_its_splits_exactly(case, shared_prefix):
+    """Split-KV over the own keys (the last split of a tile to finish merges all of them)
+    against the fp64 oracle, with and without the shared-prefix pass; a second call reuses
+    the tickets, so they must have been left at 0."""
+    from reasoncache.kernels.fwd import _TICKETS, prefix_attention_fwd
+
+    tensors, mask = make_inputs(case)
+    plain = [t.detach() for t in tensors]
+    ref_out, ref_lse, _ = oracle(tensors, mask, torch.zeros(case.B, case.Hq, case.Nq, case.D),
+                                 torch.zeros(case.B, case.Hq, case.Nq), case.causal, window=case.window)  # fmt: skip
+    args = (*plain, mask, case.causal, case.D**-0.5, case.window or 0)
+    for _ in range(2):
+        out, lse = prefix_attention_fwd(*args, shared_prefix=shared_prefix, kv_splits=3)
+        assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+    assert not _TICKETS[plain[0].device].any(), "every ticket is back at 0"
