@@ -14,6 +14,8 @@
 #define RC_DEVICE_GUARD(t) (void)0
 #endif
 
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -129,6 +131,19 @@ rc::FwdParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   return p;
 }
 
+// Zeroed int32 tickets for decode's in-kernel merge: allocated once per device and grown
+// when needed; the kernel leaves every ticket at 0. Two decode launches on one device must
+// not run concurrently on different streams (they share them).
+Tensor decode_tickets(const Tensor& like, int64_t n) {
+  static std::mutex mu;
+  static std::map<std::string, Tensor> by_device;
+  std::lock_guard<std::mutex> lock(mu);
+  Tensor& t = by_device[like.device().str()];
+  if (!t.defined() || t.numel() < n)
+    t = at::zeros({std::max<int64_t>(n, 1024)}, like.options().dtype(at::kInt));
+  return t;
+}
+
 // out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] fp32.
 std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
                         const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask, bool causal,
@@ -158,7 +173,8 @@ std::vector<Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, const
 // 64 query rows of the whole batch, not once per sequence; the prefix is split across
 // blocks when there are too few row tiles to fill the GPU. Own-cache pass: one problem
 // per (sequence, KV head), its cache split across `num_splits` blocks. All parts merge
-// by their log-sum-exp.
+// by their log-sum-exp inside the own pass (its last split per tile), so decode is two
+// launches and no torch ops.
 std::vector<Tensor> decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
                            const Tensor& prefix_v, const std::optional<Tensor>& key_padding_mask, bool causal,
                            double softmax_scale, int64_t sliding_window, int64_t num_splits) {
@@ -173,23 +189,31 @@ std::vector<Tensor> decode(const Tensor& q, const Tensor& k, const Tensor& v, co
 #else
   const int64_t sms = 4;
 #endif
-  // Split a key range of n keys over enough blocks to reach ~2 blocks per SM, >= 256 keys each.
+  // Split a key range of n keys over enough blocks to reach ~2 blocks per SM, >= 256 keys
+  // each, at most kMaxParts / 2 splits (the in-kernel merge holds kMaxParts weights a row).
   auto chunk_for = [&](int64_t n, int64_t blocks, int64_t splits) {
     if (splits == 0) splits = std::max<int64_t>(1, std::min<int64_t>((2 * sms + blocks - 1) / blocks, (n + 255) / 256));
+    splits = std::min<int64_t>(splits, rc::kMaxParts / 2);
     return std::max<int64_t>(64, ((n + splits - 1) / splits + 63) / 64 * 64);
   };
+  auto f32 = q.options().dtype(at::kFloat);
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({d.B, d.Hq, d.Nq}, f32);
+  if (q.numel() == 0) return {out, lse};
   const int64_t pre_rows = d.B * G * d.Nq, pre_tiles = (pre_rows + 63) / 64;
   const int64_t pre_chunk = d.P > 0 ? chunk_for(d.P, d.Hkv * pre_tiles, 0) : 1;
   const int64_t pre_splits = d.P > 0 ? (d.P + pre_chunk - 1) / pre_chunk : 0;
-  const int64_t own_chunk = d.Nk > 0 ? chunk_for(d.Nk, d.B * d.Hkv * ((G * d.Nq + 63) / 64), num_splits) : 1;
-  const int64_t own_splits = d.Nk > 0 ? (d.Nk + own_chunk - 1) / own_chunk : 0;
-  auto f32 = q.options().dtype(at::kFloat);
-  const int64_t parts_n = std::max<int64_t>(1, pre_splits + own_splits);
-  auto parts = at::zeros({parts_n, d.B, d.Hq, d.Nq, d.D}, f32);
-  auto lses = at::full({parts_n, d.B, d.Hq, d.Nq}, -INFINITY, f32);
+  const int64_t own_tiles = (G * d.Nq + 63) / 64;
+  const int64_t own_chunk = d.Nk > 0 ? chunk_for(d.Nk, d.B * d.Hkv * own_tiles, num_splits) : 1;
+  // The own pass always runs (with Nk = 0, one empty split): its last split merges.
+  const int64_t own_splits = d.Nk > 0 ? (d.Nk + own_chunk - 1) / own_chunk : 1;
+  const int64_t parts_n = pre_splits + own_splits;
+  // Every partial row is written by exactly one block, so nothing needs initialising.
+  auto parts = at::empty({parts_n, d.B, d.Hq, d.Nq, d.D}, f32);
+  auto lses = at::empty({parts_n, d.B, d.Hq, d.Nq}, f32);
   auto p = base_params(q, k, v, prefix_k, prefix_v, key_padding_mask, d, causal, softmax_scale, sliding_window);
   p.map = {int(G), int(d.Nq)};
-  if (pre_splits > 0 && d.B > 0) {
+  if (pre_splits > 0) {
     auto pp = p;
     pp.out = parts.data_ptr();
     pp.lse = lses.data_ptr<float>();
@@ -201,21 +225,22 @@ std::vector<Tensor> decode(const Tensor& q, const Tensor& k, const Tensor& v, co
     pp.prefix_chunk = int(pre_chunk);
     rc::launch_attend(pp, dtype_code(q), true, int(d.D), int(d.Hkv), int(pre_splits));
   }
-  if (own_splits > 0 && d.B > 0) {
-    auto po = p;
-    po.out = parts[pre_splits].data_ptr();
-    po.lse = lses[pre_splits].data_ptr<float>();
-    po.rows = int(G * d.Nq);
-    po.problem_kind = 2;
-    po.problems_per_split = int(d.B * d.Hkv);
-    po.use_prefix = false;
-    po.use_own = true;
-    po.own_chunk = int(own_chunk);
-    rc::launch_attend(po, dtype_code(q), true, int(d.D), int(d.B * d.Hkv), int(own_splits));
-  }
-  auto lse = at::logsumexp(lses, 0);
-  auto w = at::exp(lses - lse.masked_fill(at::isinf(lse), 0).unsqueeze(0));  // 0 for empty parts
-  auto out = (parts * w.unsqueeze(-1)).sum(0).to(q.scalar_type());
+  auto po = p;
+  po.out = parts[pre_splits].data_ptr();
+  po.lse = lses[pre_splits].data_ptr<float>();
+  po.rows = int(G * d.Nq);
+  po.problem_kind = 2;
+  po.problems_per_split = int(d.B * d.Hkv);
+  po.use_prefix = false;
+  po.use_own = true;
+  po.own_chunk = int(own_chunk);
+  po.tickets = decode_tickets(q, d.B * d.Hkv * own_tiles).data_ptr<int>();
+  po.n_parts = int(parts_n);
+  po.parts = parts.data_ptr<float>();
+  po.part_lse = lses.data_ptr<float>();
+  po.final_out = out.data_ptr();
+  po.final_lse = lse.data_ptr<float>();
+  rc::launch_attend(po, dtype_code(q), true, int(d.D), int(d.B * d.Hkv), int(own_splits));
   return {out, lse};
 }
 

@@ -18,6 +18,39 @@ struct AttendSmem {
                                    sizeof(float) * (kBlockM * kBlockN + kBlockM * D + 3 * kBlockM);
 };
 
+// Merge p.n_parts normalised partials of rows [row0, row0 + nrows) of problem
+// (b_base, h_base) by their log-sum-exp, in partial order, into p.final_out / final_lse.
+// sW: a [kBlockM, kMaxParts] fp32 scratch tile for the weights.
+template <typename T>
+__device__ void merge_partials(const FwdParams& p, float* sW, int row0, int nrows, int b_base, int h_base, int D) {
+  const int64_t part_rows = int64_t(p.B) * p.Hq * p.Nq;
+  for (int r = threadIdx.x; r < nrows; r += kThreads) {
+    int b, h, i;
+    p.map.locate(row0 + r, b_base, h_base, b, h, i);
+    const int64_t row = (int64_t(b) * p.Hq + h) * p.Nq + i;
+    float m = -INFINITY;
+    for (int s = 0; s < p.n_parts; ++s) m = fmaxf(m, __ldcg(p.part_lse + s * part_rows + row));
+    float l = 0.f;
+    for (int s = 0; s < p.n_parts; ++s) {
+      const float w = m == -INFINITY ? 0.f : expf(__ldcg(p.part_lse + s * part_rows + row) - m);
+      sW[r * kMaxParts + s] = w;
+      l += w;
+    }
+    for (int s = 0; s < p.n_parts; ++s) sW[r * kMaxParts + s] = l > 0.f ? sW[r * kMaxParts + s] / l : 0.f;
+    p.final_lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
+    const int r = idx / D, c = idx % D;
+    int b, h, i;
+    p.map.locate(row0 + r, b_base, h_base, b, h, i);
+    const int64_t row = (int64_t(b) * p.Hq + h) * p.Nq + i;
+    float acc = 0.f;
+    for (int s = 0; s < p.n_parts; ++s) acc += sW[r * kMaxParts + s] * __ldcg(p.parts + (s * part_rows + row) * D + c);
+    static_cast<T*>(p.final_out)[row * D + c] = from_float<T>(acc);
+  }
+}
+
 template <typename T, typename OutT, int D>
 __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -157,6 +190,22 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
     OutT* out = static_cast<OutT*>(p.out) + row * D;
     for (int c = half_ * (D / 2); c < (half_ + 1) * (D / 2); ++c) out[c] = from_float<OutT>(sO[wr * D + c] * inv);
     if (half_ == 0) p.lse[row] = l > 0.f ? (sM[wr] + log2f(l)) * kLn2 : -INFINITY;
+  }
+
+  if (p.tickets != nullptr) {
+    // Decode: the last split of this (problem, row tile) merges all partials (CUTLASS's
+    // semaphore: fence, barrier, one atomic; the winner fences again and reads from L2).
+    __threadfence();
+    __syncthreads();
+    int* ticket = p.tickets + int64_t(pz) * gridDim.y + blockIdx.y;
+    const int splits = int(gridDim.x) / p.problems_per_split;
+    if (threadIdx.x == 0) sAlpha[0] = atomicAdd(ticket, 1) == splits - 1 ? 1.f : 0.f;
+    __syncthreads();
+    if (sAlpha[0] != 0.f) {
+      __threadfence();
+      merge_partials<T>(p, sS, row0, nrows, b_base, h_base, D);
+      if (threadIdx.x == 0) atomicExch(ticket, 0);  // ready for the next launch
+    }
   }
 #else
   __trap();  // the bindings refuse GPUs below sm_80

@@ -43,7 +43,19 @@ struct FwdParams {
   int own_chunk;       // own keys per split (decode); Nk otherwise
   int prefix_chunk;    // prefix keys per split (decode); P otherwise
   float scale_log2;    // softmax scale * log2(e)
+  // Decode's own pass merges every partial in the kernel: the last split of a (problem,
+  // row tile) to finish (counted in `tickets`, which it leaves at 0) merges the n_parts
+  // partials (prefix splits, then own splits) into final_out / final_lse. nullptr: no merge.
+  int* tickets;        // [problems x row tiles]
+  int n_parts;         // <= kMaxParts
+  const float* parts;     // [n_parts, B, Hq, Nq, D]
+  const float* part_lse;  // [n_parts, B, Hq, Nq]
+  void* final_out;     // [B, Hq, Nq, D], the input dtype
+  float* final_lse;    // [B, Hq, Nq]
 };
+
+// The in-kernel merge keeps one weight per (row, partial) in a 64 x 64 shared tile.
+constexpr int kMaxParts = 64;
 
 struct BwdParams {
   const void *q, *k, *v, *pk, *pv, *dout;

@@ -91,6 +91,8 @@ DECODE = [
     (Case(B=3, Hq=4, Hkv=2, Nq=1, Nk=150, P=40, D=64, pad="left"), 0),
     (Case(B=2, Hq=8, Hkv=2, Nq=5, Nk=200, P=300, D=128), 3),  # 3 own splits; the prefix split over blocks
     (Case(B=2, Hq=2, Hkv=1, Nq=16, Nk=16, P=0, D=64, window=6), 0),
+    (Case(B=2, Hq=4, Hkv=2, Nq=1, Nk=0, P=70, D=64, causal=False), 0),  # no own keys: one empty own split merges
+    (Case(B=1, Hq=2, Hkv=1, Nq=2, Nk=400, P=20, D=64), 5),  # 5 own splits (64-key chunks) + 1 prefix part
 ]
 
 
@@ -99,11 +101,12 @@ def test_decode_matches_the_oracle(emu, case, splits):
     tensors, mask = make_inputs(case, dtype=torch.float16)
     q, k, v, pk, pv = [t.detach() for t in tensors]
     ref_out, ref_lse = reasoncache.prefix_attention_ref(
-        *[t.double() for t in (q, k, v, pk, pv)], key_padding_mask=mask, sliding_window=case.window
+        *[t.double() for t in (q, k, v, pk, pv)], causal=case.causal, key_padding_mask=mask, sliding_window=case.window
     )
-    out, lse = emu.decode(q, k, v, pk, pv, mask, True, 1 / math.sqrt(case.D), case.window or 0, splits)
-    _check("out", out, ref_out, torch.float16)
-    _check("lse", lse, ref_lse, torch.float16)
+    for _ in range(2):  # the in-kernel merge's tickets must be back at 0 for the second call
+        out, lse = emu.decode(q, k, v, pk, pv, mask, case.causal, 1 / math.sqrt(case.D), case.window or 0, splits)
+        _check("out", out, ref_out, torch.float16)
+        _check("lse", lse, ref_lse, torch.float16)
 
 
 def test_row_that_sees_nothing_gets_zero_and_minus_inf(emu):

@@ -89,7 +89,7 @@ struct Block {
   float shfl[32][32];
   std::function<void()> body;
   unsigned char* smem = nullptr;
-  dim3 block_idx, block_dim;
+  dim3 block_idx, block_dim, grid_dim;
   uint64_t progress = 0;
 };
 inline Block* g = nullptr;
@@ -179,6 +179,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Param
         b.smem = aligned;
         b.block_idx = dim3(x, y, z);
         b.block_dim = block;
+        b.grid_dim = grid;
         b.body = [&] { kernel(p); };
         Block* saved = g;
         g = &b;
@@ -192,7 +193,22 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Param
 #define threadIdx (rc_emu::g->fibers[rc_emu::g->current].tid)
 #define blockIdx (rc_emu::g->block_idx)
 #define blockDim (rc_emu::g->block_dim)
+#define gridDim (rc_emu::g->grid_dim)
 inline void __syncthreads() { rc_emu::syncthreads(); }
+// Blocks run one after another and fibers switch only at barriers, so atomics are plain
+// read-modify-writes and fences have nothing to order.
+inline void __threadfence() {}
+inline int atomicAdd(int* p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+inline int atomicExch(int* p, int v) {
+  const int old = *p;
+  *p = v;
+  return old;
+}
+inline float __ldcg(const float* p) { return *p; }
 inline void __syncwarp(unsigned = 0xffffffffu) { rc_emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
   const int w = rc_emu::warp(), l = rc_emu::lane();
