@@ -93,3 +93,29 @@ def test_auto_picks_triton_on_cuda():
     from reasoncache.ops import backends
 
     assert backends.resolve("auto", tensors[0])[0].name == "triton"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    Case(B=2, Hq=32, Hkv=8, Nq=1, Nk=3000, P=512, D=128),  # few sequences: split-KV and the in-kernel merge
+    Case(B=64, Hq=32, Hkv=8, Nq=1, Nk=512, P=2048, D=128),  # many sequences: the shared-prefix pass carries it
+], ids=str)  # fmt: skip
+def test_decode_step_replays_in_a_cuda_graph(case, backend):
+    """Once warmed up (autotuned, tickets allocated), a decode step captures into a CUDA
+    graph; replays with new queries written into the captured input give the eager result
+    (the merge tickets must be back at 0 after every replay)."""
+    _skip_unsupported(backend, case)
+    tensors, _ = make_inputs(case, dtype=torch.bfloat16, device="cuda")
+    q, k, v, pk, pv = [t.detach() for t in tensors]
+    step = lambda: reasoncache.prefix_attention(q, k, v, pk, pv, backend=backend)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, step()), "a replay equals the eager step bit for bit"
