@@ -311,3 +311,53 @@ def test_from_peft_rejects_other_adapters():
     lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match="prefix-tuning"):
         ReasonCache.from_peft(lora)
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["mask-finds-segments", "position-ids-find-segments"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "mistral"])
+def test_packed_sequences_run_fused_and_equal_each_sequence_alone(arch, use_cache, monkeypatch):
+    """Sequences packed into one row with position_ids restarting at 0 (what
+    DataCollatorWithFlattening produces) run the fused op on the segments (never the
+    explicit-mask fallback), and the logits and the prefix gradient equal those of each
+    sequence run alone. Without a cache transformers builds a packed mask, which the mask
+    entry reads; with one (the default) it builds plain causal, and the position ids tell."""
+    from reasoncache.hf import attention as hf_attention
+
+    model = tiny_model(arch, sliding_window=3 if arch == "mistral" else None)  # mistral: a window inside segments
+    reasoncache.patch(model, ReasonCache.for_model(model, prefix_len=4))
+    seqs = [_ids(1, n, seed=s) for s, n in ((3, 5), (4, 1), (5, 7))]
+    packed = torch.cat(seqs, 1)
+    position_ids = torch.cat([torch.arange(s.shape[1]) for s in seqs])[None]
+
+    def no_fallback(*a, **k):
+        raise AssertionError("packed sequences took the explicit-mask path")
+
+    monkeypatch.setattr(hf_attention, "_explicit_mask_attention", no_fallback)
+    got = model(packed, position_ids=position_ids, use_cache=use_cache).logits
+    got.sum().backward()
+    g_packed = model.reasoncache.keys.grad.clone()
+    model.reasoncache.keys.grad = None
+    want = torch.cat([model(s).logits for s in seqs], 1)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(g_packed, model.reasoncache.keys.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_segments_are_read_only_from_a_block_diagonal_causal_pattern():
+    from reasoncache.hf.attention import _packed_segments
+
+    lengths = [2, 3, 1]
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    i = torch.arange(6)
+    block = (seg[:, None] == seg[None, :]) & (i[None, :] <= i[:, None])
+    cu, longest = _packed_segments(block[None, None])
+    assert cu.tolist() == [0, 2, 5, 6] and cu.dtype == torch.int32 and longest == 3
+    two_rows = torch.stack([block, torch.tril(torch.ones(6, 6, dtype=torch.bool))])[:, None]
+    assert _packed_segments(two_rows)[0].tolist() == [0, 2, 5, 6, 12]
+    assert _packed_segments(torch.tril(torch.ones(1, 1, 6, 6, dtype=torch.bool))) is None  # not packed
+    windowed = block & (i[None, :] > i[:, None] - 2)  # a sliding window inside the segments
+    assert _packed_segments(windowed[None, None]) is None
+    assert _packed_segments(windowed[None, None], window=2)[0].tolist() == [0, 2, 5, 6]
+    custom = block.clone()
+    custom[4, 3] = False  # a hole in a segment
+    assert _packed_segments(custom[None, None]) is None

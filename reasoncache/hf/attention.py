@@ -5,10 +5,12 @@
 (optionally with the layer's sliding window) plus key padding, hands the attention
 function ``None`` (no padding) or a compact key-padding mask: a ``[B, 1, 1, Nk]`` bool
 tensor tagged ``_reasoncache_fused`` (a 4-D tensor, so transformers passes it through
-untouched, also when ``generate`` precomputes masks for static caches). Any other
-pattern (packed sequences, static-cache prefill, custom overlays) stays transformers'
-own ``[B, 1, Nq, Nk]`` mask and takes the explicit-mask path, so nothing is silently
-approximated.
+untouched, also when ``generate`` precomputes masks for static caches). Packed sequences
+(a block-diagonal causal pattern, as transformers builds from position_ids that restart
+at 0) become a tagged marker holding varlen ``cu_seqlens``, and the attention function
+runs the fused op on the segments. Any other pattern (static-cache prefill, custom
+overlays) stays transformers' own ``[B, 1, Nq, Nk]`` mask and takes the explicit-mask
+path, so nothing is silently approximated.
 
 ``reasoncache_attention`` (an ``AttentionInterface`` entry) reads the layer's shared
 prefix from the ``ReasonCache`` attached by ``patch`` and calls the fused op.
@@ -72,6 +74,19 @@ def reasoncache_mask(*args, **kwargs):
     # Any other pattern: compare transformers' own mask (without padding) with what the fused
     # op computes; use the op only where they agree exactly.
     pattern = sdpa_mask(*args, **{**kwargs, "attention_mask": None})
+    if (
+        pattern is not None
+        and pattern.dim() == 4
+        and kpm is None
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+        and not torch.compiler.is_compiling()
+    ):
+        for window in (None, getattr(kwargs.get("config"), "sliding_window", None)):
+            packed = _packed_segments(pattern.expand(kwargs["batch_size"], -1, -1, -1), window)
+            if packed is not None:
+                return _varlen_marker(*packed, window, kwargs["batch_size"])
     if pattern is not None and pattern.dim() == 4:
         seen = pattern.any(dim=-2, keepdim=True)  # keys some query may see (not unwritten cache slots)
         for window in (None, getattr(kwargs.get("config"), "sliding_window", None)):
@@ -82,6 +97,66 @@ def reasoncache_mask(*args, **kwargs):
                 cols = seen[:, 0, 0].expand(kwargs["batch_size"], -1)
                 return _fused(cols if kpm is None else kpm & cols)
     return sdpa_mask(*args, **kwargs)
+
+
+def _packed_segments(pattern: Tensor, window: int | None = None) -> tuple[Tensor, int] | None:
+    """If ``pattern [B, 1, N, N]`` is block-diagonal causal (every row sees exactly the keys
+    of its own segment up to itself, and with ``window`` only the last ``window`` of them:
+    packed sequences, as transformers builds them from position_ids that restart), the
+    segments as varlen ``cu_seqlens`` over the ``B x N`` flattened tokens (int32) and the
+    longest segment; else None (also for one sequence a row)."""
+    B, _, N, M = pattern.shape
+    if N != M or N == 0:
+        return None
+    rows = pattern[:, 0]
+    i = torch.arange(N, device=pattern.device)
+    # A row starts a segment iff it cannot see the key just before it (window 1: every row
+    # sees only itself, so any segmentation describes it).
+    new = torch.ones(B, N, dtype=torch.bool, device=pattern.device)
+    new[:, 1:] = ~rows[:, i[1:], i[1:] - 1]
+    seg = new.cumsum(-1)
+    expected = (seg[:, :, None] == seg[:, None, :]) & (i[None, None, :] <= i[None, :, None])
+    if window is not None:
+        expected &= i[None, None, :] > i[None, :, None] - window
+    if not torch.equal(rows, expected):
+        return None
+    starts = new.flatten().nonzero().flatten()  # row 0 of every batch row starts a segment
+    if starts.numel() == B:
+        return None  # one sequence a row: not packed (the plain causal paths take it)
+    cu = torch.cat([starts, starts.new_tensor([B * N])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _segments_from_position_ids(position_ids: Tensor, batch: int) -> tuple[Tensor, int] | None:
+    """Packed segments from position ids ``[B or 1, N]`` by transformers' own rule (a new
+    segment wherever the position does not follow the previous one by 1), as varlen
+    ``cu_seqlens`` over the ``B x N`` tokens and the longest segment; None when every row
+    is one sequence. Computed once per forward: the result is kept on the tensor, which
+    every layer receives."""
+    cached = getattr(position_ids, "_rc_segments", False)
+    if cached is not False:
+        return cached
+    pos = position_ids.expand(batch, -1)
+    new = torch.ones_like(pos, dtype=torch.bool)
+    new[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    starts = new.flatten().nonzero().flatten()
+    found = None
+    if starts.numel() > batch:
+        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+        found = (cu, int((cu[1:] - cu[:-1]).max()))
+    try:
+        position_ids._rc_segments = found
+    except (AttributeError, RuntimeError):  # a tensor that takes no attributes: recompute next time
+        pass
+    return found
+
+
+def _varlen_marker(cu: Tensor, longest: int, window: int | None, batch: int) -> Tensor:
+    """The packed segments (and the window the pattern was checked with) as a tagged 4-D
+    tensor that transformers passes to every layer of that mask's kind."""
+    marker = cu.new_ones(batch, 1, 1, 1, dtype=torch.bool)
+    marker._reasoncache_varlen = (cu, longest, window)
+    return marker
 
 
 _warned: set[str] = set()
@@ -130,6 +205,29 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
         pk = pv = query.new_zeros(key.shape[1], 0, key.shape[-1])
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
 
+    varlen = getattr(attention_mask, "_reasoncache_varlen", None)
+    position_ids = kwargs.get("position_ids")
+    if (
+        varlen is None
+        and attention_mask is None
+        and isinstance(position_ids, Tensor)
+        and position_ids.shape[-1] == query.shape[2] == key.shape[2]
+        and not torch.compiler.is_compiling()
+    ):
+        # transformers builds the packed mask only without a cache; with one (use_cache in
+        # a training forward) the mask says plain causal, and the position ids tell.
+        found = _segments_from_position_ids(position_ids, query.shape[0])
+        varlen = None if found is None else (*found, kwargs.get("sliding_window"))
+    if varlen is not None and key.shape[2] == query.shape[2]:
+        # Packed sequences: the fused op walks the segments (reasoncache_mask found them).
+        cu, longest, window = varlen
+        B, Hq, N, D = query.shape
+        packed = lambda x: x.transpose(1, 2).reshape(B * N, x.shape[1], D)
+        out = prefix_attention(
+            packed(query), packed(key), packed(value), pk, pv,
+            causal=causal, softmax_scale=scaling, cu_seqlens_q=cu, max_seqlen_q=longest, sliding_window=window,
+        )  # fmt: skip
+        return out.view(B, N, Hq, D), None
     if attention_mask is None or getattr(attention_mask, "_reasoncache_fused", False):
         kpm = None if attention_mask is None else attention_mask[:, 0, 0, :]
         # reasoncache_mask checked the pattern against this layer's window (config.sliding_window)
@@ -148,7 +246,7 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
     else:
         _warn_once(
             "explicit",
-            "reasoncache: this attention mask pattern (packed sequences, static-cache prefill or a custom mask) "
+            "reasoncache: this attention mask pattern (static-cache prefill or a custom mask) "
             "is not expressible as causal + padding; using the slower explicit-mask path",
         )
         out = _explicit_mask_attention(query, key, value, pk, pv, attention_mask, scaling)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import backends
 from .custom_op import prefix_attention_fwd
+from .varlen import check_cu_seqlens, varlen_attention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,6 +68,30 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
 
 
+def _check_varlen(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k):
+    """Validate the varlen arguments; returns (cu_q, cu_k, max_q, max_k) as host values."""
+    for name, t, layout in (("q", q, "[Tq, Hq, D]"), ("k", k, "[Tk, Hkv, D]"), ("v", v, "[Tk, Hkv, D]")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"with cu_seqlens, {name} must be 3-D {layout} (packed), got shape {tuple(t.shape)}")
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask and cu_seqlens exclude each other: packed segments have no padding")
+    bounds_q = check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0], q.device)
+    bounds_k = check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0], q.device)
+    if len(bounds_q) != len(bounds_k):
+        raise ValueError(
+            f"cu_seqlens_q has {len(bounds_q) - 1} segments but cu_seqlens_k has {len(bounds_k) - 1}; they must match"
+        )
+    longest = []
+    for name, bounds, given in (("max_seqlen_q", bounds_q, max_q), ("max_seqlen_k", bounds_k, max_k)):
+        actual = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
+        if given is not None and (not isinstance(given, int) or given < actual):
+            raise ValueError(f"{name}={given!r} is below the longest segment ({actual})")
+        longest.append(actual)
+    return bounds_q, bounds_k, longest[0], longest[1]
+
+
 def prefix_attention(
     q: Tensor,
     k: Tensor,
@@ -80,6 +105,10 @@ def prefix_attention(
     return_lse: bool = False,
     sliding_window: int | None = None,
     backend: str | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a learned prefix shared by the batch, then over each sequence's own keys.
 
@@ -101,14 +130,35 @@ def prefix_attention(
             prefix stays visible to every query.
         backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic; the
             ``REASONCACHE_BACKEND`` environment variable overrides the automatic choice).
+        cu_seqlens_q, cu_seqlens_k: packed sequences in FlashAttention's varlen convention:
+            q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, and int32 ``[S + 1]`` offsets from 0 to
+            the token count (``cu_seqlens_k`` defaults to ``cu_seqlens_q``). Each segment sees
+            the whole prefix and, bottom-right causally, its own keys only. Exact on every
+            backend; today it runs as a left-padded batch (``reasoncache/ops/varlen.py``).
+        max_seqlen_q, max_seqlen_k: the longest segments, optional (checked if given).
 
     Returns:
         ``out [B, Hq, Nq, D]`` in q's dtype; with ``return_lse``, also ``lse [B, Hq, Nq]``
         fp32 (natural log). A query that sees no key at all gets zeros and ``lse = -inf``.
+        With ``cu_seqlens``: ``out [Tq, Hq, D]`` and ``lse [Tq, Hq]``.
 
     Gradients flow to q, k, v, prefix_k and prefix_v; the prefix gradient is summed over
     the batch and is bitwise reproducible from run to run.
     """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None:
+            raise ValueError("cu_seqlens_k needs cu_seqlens_q (the query segments)")
+        cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+        bounds_q, bounds_k, max_q, max_k = _check_varlen(
+            q, k, v, key_padding_mask, cu_seqlens_q, cu_k, max_seqlen_q, max_seqlen_k
+        )
+        out, lse = varlen_attention(
+            prefix_attention, q, k, v, prefix_k, prefix_v, bounds_q, bounds_k, max_q, max_k,
+            causal, softmax_scale, sliding_window, backend,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
+    if max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError("max_seqlen_q / max_seqlen_k only go with cu_seqlens_q / cu_seqlens_k")
     _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, sliding_window)
     name = backends.check_name(backend)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
