@@ -7,6 +7,11 @@ Methods:
                 checkpointing, so that variant is skipped with its reason)
   lora          PEFT LoRA on q and v with about the same trainable parameters
 
+A second table times packing: one length-skewed batch of the reasoncache method,
+padded to its longest example (attention mask, ignored labels) against packed into one
+row (position ids restarting per example, the fused op's varlen path), after checking
+that both give the same loss. Tokens/s there counts real tokens only.
+
 Models: Llama-shaped with random weights (``1b`` and ``8b`` configs on GPU, ``tiny`` on
 CPU) or ``default``, the embedded SmolLM2-135M-Instruct.
 """
@@ -116,6 +121,93 @@ class StepRunner:
         return time.perf_counter() - t0
 
 
+# A length-skewed batch (most examples short, one long), as a trainer's data often is.
+SKEWED = (0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 1.0)
+
+
+class PackedStepRunner(StepRunner):
+    """A step on examples of ``lengths``: padded to the longest (``packed=False``) or back
+    to back in one row with position ids restarting per example (``packed=True``)."""
+
+    def __init__(self, net, lengths: list[int], device: str, packed: bool):
+        super().__init__(net, 1, 1, device)
+        g = torch.Generator(device).manual_seed(1)
+        seqs = [torch.randint(net.config.vocab_size, (n,), device=device, generator=g) for n in lengths]
+        if packed:
+            ids = torch.cat(seqs)[None]
+            labels = torch.cat([torch.cat([s.new_full((1,), -100), s[1:]]) for s in seqs])[None]
+            pos = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+            self.inputs = dict(input_ids=ids, labels=labels, position_ids=pos, use_cache=False)
+        else:
+            n = max(lengths)
+            ids = torch.zeros(len(seqs), n, dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for i, sq in enumerate(seqs):
+                ids[i, : len(sq)], mask[i, : len(sq)] = sq, 1
+            self.inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    def loss(self) -> float:
+        with torch.no_grad(), self.autocast:
+            return float(self.net(**self.inputs).loss)
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        with self.autocast:
+            loss = self.net(**self.inputs).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def packing_rows(model_name: str, B: int, N: int, P: int, device: str, steps: int) -> list[dict]:
+    """Packed against padded for one length-skewed batch of ``B`` examples, the longest
+    ``N`` tokens (the shapes of ``SKEWED``, repeated to ``B``). Same loss first (1e-4
+    relative), then median step times, interleaved round by round."""
+    lengths = [max(2, int(N * SKEWED[i % len(SKEWED)])) for i in range(B)]
+    runners = {}
+    for packed in (False, True):
+        torch.manual_seed(0)
+        net, _ = prepare("reasoncache", build(model_name, device, torch.float32), P, False)
+        runners[packed] = PackedStepRunner(net, lengths, device, packed)
+    losses = {k: r.loss() for k, r in runners.items()}
+    if abs(losses[True] - losses[False]) > 1e-4 * abs(losses[False]):
+        raise AssertionError(f"packed loss {losses[True]:.6f} != padded loss {losses[False]:.6f}")
+    times: dict[bool, list[float]] = {False: [], True: []}  # rows: padded, then packed
+    for r in range(steps + 1):
+        for k, runner in runners.items():
+            t = runner.step()
+            if r:
+                times[k].append(t)
+    rows = []
+    for packed, ts in times.items():
+        step_s = statistics.median(ts)
+        rows.append({
+            "model": model_name, "B": B, "longest": max(lengths), "real_tokens": sum(lengths), "P": P,
+            "layout": "packed (varlen)" if packed else "padded", "loss": losses[packed],
+            "computed_tokens": sum(lengths) if packed else B * max(lengths),
+            "step_s": step_s, "real_tokens_per_s": sum(lengths) / step_s,
+        })  # fmt: skip
+    rows[1]["speedup_vs_padded"] = rows[0]["step_s"] / rows[1]["step_s"]
+    return rows
+
+
+PACKING_COLUMNS = [
+    ("model", "model"),
+    ("B", "B"),
+    ("longest", "longest"),
+    ("real tokens", "real_tokens"),
+    ("layout", "layout"),
+    ("tokens computed", "computed_tokens"),
+    ("loss", "loss"),
+    ("step s (median)", "step_s"),
+    ("real tokens/s", "real_tokens_per_s"),
+    ("x padded", "speedup_vs_padded"),
+]
+
+
 def _median_s(runner: StepRunner, steps: int) -> float:
     runner.step()  # warm-up (and autotuning)
     return statistics.median(runner.step() for _ in range(steps))
@@ -216,6 +308,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         if "skipped" in r:
             print(f"skipped {r['method']} (checkpointing={r['checkpointing']}): {r['skipped']}")
+    if "reasoncache" in methods:
+        packing = [r for m in models for r in packing_rows(m, max(B, 8), N, args.prefix_len, args.device, steps)]
+        print(f"\n# packing: one length-skewed batch, reasoncache, on {env['device']}\n")
+        print(markdown_table(packing, PACKING_COLUMNS))
+        rows += [{**r, "table": "packing"} for r in packing]
     if args.out:
         write_json(args.out, env, rows)
         print(f"\nwrote {args.out}")

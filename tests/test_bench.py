@@ -79,6 +79,11 @@ def test_train_bench_runs_every_method_and_skips_with_reasons(monkeypatch):
     assert all(r["tokens_per_s"] > 0 and r["trainable_params"] > 0 for r in timed)
     rc = next(r for r in timed if r["method"] == "reasoncache")
     assert rc["trainable_params"] == 2 * 2 * 2 * 4 * 16  # 2 layers x (k, v) x 2 kv heads x P=4 x D=16
+    packed, padded = train.packing_rows("tiny", B=8, N=40, P=4, device="cpu", steps=1)[::-1]
+    assert packed["layout"].startswith("packed") and padded["layout"] == "padded"
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-4)  # checked inside too
+    assert packed["computed_tokens"] == packed["real_tokens"] < padded["computed_tokens"] == 8 * 40
+    assert packed["real_tokens_per_s"] > 0 and packed["speedup_vs_padded"] > 0
 
 
 def test_every_suite_runs_quick_on_cpu_and_writes_json_and_plots(tmp_path):

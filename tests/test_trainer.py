@@ -238,3 +238,49 @@ def test_report_to_tensorboard_logs_every_row(tmp_path, monkeypatch):
     assert ("loss", 1) in written and ("loss", 2) in written and ("lr", 2) in written
     with pytest.raises(ValueError, match="report_to must be None or 'tensorboard'"):
         TrainConfig(report_to="wandb").check()
+
+
+def test_packed_micro_batches_train_like_padded_ones(tmp_path):
+    """Packing (on by default) puts a micro-batch's examples in one row without padding;
+    the losses and the final prefix equal the padded run's."""
+    runs = {}
+    for packing in (True, False):
+        model, tok, train, cfg = _setup(steps=4, batch_size=3, packing=packing)
+        trainer = Trainer(model, tok, train, cfg, tmp_path / str(packing), progress=False)
+        assert trainer.packing is packing
+        batch = trainer._collate(trainer.encoded, trainer._micro_batch(0))
+        assert batch["input_ids"].shape[0] == (1 if packing else 3)
+        runs[packing] = ([r["loss"] for r in trainer.train()], model.reasoncache.keys.detach().clone())
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=1e-6, rtol=1e-5)
+
+
+def test_packing_is_checked_and_refused_where_examples_would_see_each_other(tmp_path, monkeypatch):
+    """If the packed row does not keep the examples apart (here: position ids that do not
+    restart, so nothing marks the boundaries), the trainer says so and pads instead."""
+    from reasoncache.app import data
+    from reasoncache.app import trainer as trainer_mod
+
+    real = data.collate_packed
+
+    def no_restarts(batch, pad_id):
+        rows = real(batch, pad_id)
+        rows["position_ids"] = torch.arange(rows["input_ids"].shape[1])[None]
+        return rows
+
+    monkeypatch.setattr(trainer_mod, "collate_packed", no_restarts)
+    model, tok, train, cfg = _setup(steps=1, batch_size=3)
+    with pytest.warns(RuntimeWarning, match="training with padding instead"):
+        t = Trainer(model, tok, train, cfg, tmp_path, progress=False)
+    assert not t.packing
+
+
+def test_lora_baseline_packs_exactly_too(tmp_path):
+    """An unpatched model (a PEFT LoRA on SDPA attention) trains packed as well: transformers
+    builds the block-diagonal mask from the position ids when no cache is in use."""
+    peft = pytest.importorskip("peft")
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("arithmetic", 12, 0, seed=0)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    cfg = TrainConfig(steps=1, batch_size=3, lr=1e-3)
+    assert Trainer(lora, tok, train, cfg, tmp_path, progress=False).packing

@@ -79,6 +79,7 @@ def cmd_train(args) -> int:
         objective=args.objective,
         distill_shots=args.distill_shots,
         report_to=args.report_to,
+        packing=not args.no_packing,
     )
     cfg.check()
     rank, n = world()
@@ -236,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the frozen weights' dtype (bfloat16 halves their memory; the prefix trains in float32)",
     )
     t.add_argument("--no-length-grouping", action="store_true")
+    t.add_argument(
+        "--no-packing",
+        action="store_true",
+        help="pad every micro-batch to its longest example instead of packing it into one row "
+        "(packing is on where the model computes it exactly; the trainer checks)",
+    )
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--eval-data", help="JSONL to report accuracy on during training")
     t.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")

@@ -178,6 +178,21 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_packed(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The examples back to back in ONE row ``[1, sum of lengths]``: ``input_ids``,
+    ``labels`` (each example's first label ``IGNORE``, so no position learns to predict the
+    next example) and ``position_ids`` restarting at 0 for every example; no padding and no
+    attention mask (transformers and the reasoncache patch read the segments from the
+    position ids, as ``DataCollatorWithFlattening`` has them)."""
+    ids, labels, pos = [], [], []
+    for x, y in batch:
+        ids += x
+        labels += [IGNORE] + y[1:]
+        pos += range(len(x))
+    as_row = lambda v: torch.tensor(v, dtype=torch.long)[None]
+    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(pos)}
+
+
 def batch_order(
     lengths: list[int], batch_size: int, seed: int, epoch: int, length_grouped: bool = True
 ) -> list[list[int]]:

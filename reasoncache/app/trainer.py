@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hf import prefix_suspended
-from .data import IGNORE, Example, batch_order, collate, encode
+from .data import IGNORE, Example, batch_order, collate, collate_packed, encode
 from .sharding import is_sharded
 
 OBJECTIVES = ("sft", "distill")
@@ -59,6 +60,7 @@ class TrainConfig:
     objective: str = "sft"  # "sft": cross-entropy on completions; "distill": match the frozen model shown demos
     distill_shots: int = 3  # demonstrations in the distillation teacher's context
     report_to: str | None = None  # "tensorboard": also log every row there (OUT/tensorboard)
+    packing: bool = True  # one row per micro-batch, no padding, where the model computes it exactly (checked)
 
     # fields that change the training trajectory: a resumed run must match them
     TRAJECTORY = (
@@ -76,6 +78,7 @@ class TrainConfig:
         "chat_template",
         "objective",
         "distill_shots",
+        "packing",
     )
 
     def check(self) -> None:
@@ -131,15 +134,15 @@ def _completion_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     target = labels[:, 1:]
     cols = (target != IGNORE).any(0).nonzero()
     lo, hi = int(cols.min()), int(cols.max()) + 1  # logits at lo..hi-1 predict labels lo+1..hi
+    # A packed batch (position_ids, no attention_mask) runs without a KV cache, so that
+    # transformers builds the block-diagonal mask for models that are not patched too.
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "position_ids" in batch:
+        inputs["use_cache"] = False
     try:
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=torch.arange(lo, hi, device=labels.device),
-        )
-        logits = out.logits
+        logits = model(**inputs, logits_to_keep=torch.arange(lo, hi, device=labels.device)).logits
     except TypeError:  # a model without logits_to_keep
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, lo:hi]
+        logits = model(**inputs).logits[:, lo:hi]
     return logits, target[:, lo:hi]
 
 
@@ -256,6 +259,14 @@ class Trainer:
         self._epochs: dict[int, list[list[int]]] = {}
         self.history: list[dict] = []
         self._tb = tensorboard_writer(self.out / "tensorboard") if cfg.report_to and self.rank == 0 else None
+        self.packing = cfg.packing and self._packing_is_exact()
+        if cfg.packing and not self.packing:
+            warnings.warn(
+                f"packing=True: {type(model).__name__} gives other results for a packed micro-batch than for a "
+                "padded one (its attention does not separate the examples); training with padding instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ data
     def _micro_batch(self, g: int) -> list[int]:
@@ -336,8 +347,28 @@ class Trainer:
         bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def _collate(self, encoded: list, mb: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate([encoded[i] for i in mb], self.tok.pad_token_id).items()}
+    def _collate(self, encoded: list, mb: list[int], packed: bool | None = None) -> dict[str, torch.Tensor]:
+        packed = self.packing if packed is None else packed
+        rows = (collate_packed if packed else collate)([encoded[i] for i in mb], self.tok.pad_token_id)
+        return {k: v.to(self.device) for k, v in rows.items()}
+
+    def _packing_is_exact(self) -> bool:
+        """Packing is on where it is exact: the first micro-batch, packed and padded, must
+        give the same completion log-probabilities (a model whose attention ignores the
+        position ids would let examples see each other). Checked once, in eval mode."""
+        mb = self._micro_batch(0)
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                lp = []
+                for packed in (True, False):
+                    logits, t = _completion_logits(self.model, self._collate(self.encoded, mb, packed))
+                    lp.append(logits[t != IGNORE].float().log_softmax(-1))
+        finally:
+            self.model.train(was)
+        low_precision = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
+        return lp[0].shape == lp[1].shape and bool((lp[0] - lp[1]).abs().max() <= (5e-2 if low_precision else 1e-4))
 
     def train_step(self) -> float:
         mbs, tokens = self._step_batches(self.step)
