@@ -92,6 +92,50 @@ def _check_varlen(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k):
     return bounds_q, bounds_k, longest[0], longest[1]
 
 
+def _check_cache_ids(cache_ids, prefix_k, prefix_v, rows: int, rows_name: str, device) -> None:
+    """A bank of caches: prefix_k/v ``[C, Hkv, P, D]`` and ``cache_ids`` choosing one per row."""
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"with cache_ids, {name} must be a bank [C, Hkv, P, D], got {got}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_v {tuple(prefix_v.shape)} must have the shape of prefix_k {tuple(prefix_k.shape)}")
+    if not isinstance(cache_ids, Tensor) or cache_ids.dtype not in (torch.int32, torch.int64):
+        got = cache_ids.dtype if isinstance(cache_ids, Tensor) else type(cache_ids).__name__
+        raise TypeError(f"cache_ids must be an int32 or int64 tensor [{rows_name}], got {got}")
+    if cache_ids.dim() != 1 or cache_ids.numel() != rows:
+        raise ValueError(f"cache_ids must be [{rows_name}] = [{rows}], got shape {tuple(cache_ids.shape)}")
+    if cache_ids.device != device:
+        raise ValueError(f"cache_ids is on {cache_ids.device} but q is on {device}")
+    C = prefix_k.shape[0]
+    if rows and not (0 <= int(cache_ids.min()) and int(cache_ids.max()) < C):
+        raise ValueError(
+            f"cache_ids must lie in [0, C={C}), got values from {int(cache_ids.min())} to {int(cache_ids.max())}"
+        )
+
+
+def _per_cache(attend, q, k, v, prefix_k, prefix_v, cache_ids, key_padding_mask, **kw) -> tuple[Tensor, Tensor]:
+    """The batched op once per cache in use, on the rows that chose it (so each cache's
+    prefix is still shared by its rows: one prefix pass per cache at decode), then the rows
+    put back in order. Differentiable; each cache's gradient sums over its rows."""
+    order = torch.argsort(cache_ids, stable=True)
+    counts = torch.bincount(cache_ids, minlength=prefix_k.shape[0]).tolist()
+    outs, lses, start = [], [], 0
+    for c, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = order[start : start + n]
+        start += n
+        mask = None if key_padding_mask is None else key_padding_mask[rows]
+        out, lse = attend(q[rows], k[rows], v[rows], prefix_k[c], prefix_v[c], key_padding_mask=mask,
+                          return_lse=True, **kw)  # fmt: skip
+        outs.append(out)
+        lses.append(lse)
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(outs)[back], torch.cat(lses)[back]
+
+
 def prefix_attention(
     q: Tensor,
     k: Tensor,
@@ -109,6 +153,7 @@ def prefix_attention(
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    cache_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a learned prefix shared by the batch, then over each sequence's own keys.
 
@@ -136,6 +181,11 @@ def prefix_attention(
             the whole prefix and, bottom-right causally, its own keys only. Exact on every
             backend; today it runs as a left-padded batch (``reasoncache/ops/varlen.py``).
         max_seqlen_q, max_seqlen_k: the longest segments, optional (checked if given).
+        cache_ids: several caches in one batch: prefix_k/v a bank ``[C, Hkv, P, D]`` and
+            ``cache_ids`` int ``[B]`` (with cu_seqlens: ``[S]``, one per segment) choosing
+            each sequence's cache. Runs the op once per cache in use, on its sequences, so
+            each cache's prefix stays shared by its own sequences; gradients reach each
+            cache from its sequences only. ``C = 1`` is the single-cache op.
 
     Returns:
         ``out [B, Hq, Nq, D]`` in q's dtype; with ``return_lse``, also ``lse [B, Hq, Nq]``
@@ -145,6 +195,15 @@ def prefix_attention(
     Gradients flow to q, k, v, prefix_k and prefix_v; the prefix gradient is summed over
     the batch and is bitwise reproducible from run to run.
     """
+    kw = dict(causal=causal, softmax_scale=softmax_scale, sliding_window=sliding_window, backend=backend)
+    if cache_ids is not None and (cu_seqlens_q is None and cu_seqlens_k is None):
+        if not isinstance(q, Tensor) or q.dim() != 4:
+            raise ValueError(f"q must be 4-D [B, Hq, Nq, D], got {getattr(q, 'shape', type(q).__name__)}")
+        _check_cache_ids(cache_ids, prefix_k, prefix_v, q.shape[0], "B", q.device)
+        out, lse = _per_cache(prefix_attention, q, k, v, prefix_k, prefix_v, cache_ids, key_padding_mask, **kw)
+        return (out, lse) if return_lse else out
+    if cache_ids is None and isinstance(prefix_k, Tensor) and prefix_k.dim() == 4:
+        raise ValueError("prefix_k is a bank [C, Hkv, P, D]: pass cache_ids to say which cache each sequence uses")
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if cu_seqlens_q is None:
             raise ValueError("cu_seqlens_k needs cu_seqlens_q (the query segments)")
@@ -152,9 +211,11 @@ def prefix_attention(
         bounds_q, bounds_k, max_q, max_k = _check_varlen(
             q, k, v, key_padding_mask, cu_seqlens_q, cu_k, max_seqlen_q, max_seqlen_k
         )
+        if cache_ids is not None:
+            _check_cache_ids(cache_ids, prefix_k, prefix_v, len(bounds_q) - 1, "S", q.device)
         out, lse = varlen_attention(
             prefix_attention, q, k, v, prefix_k, prefix_v, bounds_q, bounds_k, max_q, max_k,
-            causal, softmax_scale, sliding_window, backend,
+            causal, softmax_scale, sliding_window, backend, cache_ids,
         )  # fmt: skip
         return (out, lse) if return_lse else out
     if max_seqlen_q is not None or max_seqlen_k is not None:

@@ -60,10 +60,11 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
 
 
 def varlen_attention(
-    attend, q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, causal, scale, window, backend
+    attend, q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, causal, scale, window, backend, cache_ids=None
 ) -> tuple[Tensor, Tensor]:
-    """Run ``attend`` (the batched op) on the left-padded batch of segments; returns
-    ``out [Tq, Hq, D]`` and ``lse [Tq, Hq]``. Arguments validated by the caller."""
+    """Run ``attend`` (the batched op) on the left-padded batch of segments (each segment
+    its cache from ``cache_ids [S]`` when given); returns ``out [Tq, Hq, D]`` and
+    ``lse [Tq, Hq]``. Arguments validated by the caller."""
     device = q.device
     index_q, real_q = _left_padded_index(cu_q, max_q, device)
     index_k, real_k = _left_padded_index(cu_k, max_k, device)
@@ -79,6 +80,7 @@ def varlen_attention(
         return_lse=True,
         sliding_window=window,
         backend=backend,
+        cache_ids=cache_ids,
     )
     # Real slots in row-major order are the packed tokens in order.
     return out.transpose(1, 2)[real_q], lse.transpose(1, 2)[real_q]
