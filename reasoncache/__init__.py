@@ -12,7 +12,7 @@ Layers, each importing only those below it:
 """
 
 from ._version import __version__
-from .cache import ReasonCache, build_cache
+from .cache import ReasonCache, ReasonCacheBank, build_cache
 from .hf import patch, unpatch
 from .ops import BackendUnavailable, prefix_attention, prefix_attention_ref
 
@@ -21,6 +21,7 @@ __all__ = [
     "prefix_attention_ref",
     "BackendUnavailable",
     "ReasonCache",
+    "ReasonCacheBank",
     "build_cache",
     "patch",
     "unpatch",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -141,6 +142,13 @@ class ReasonCache(nn.Module):
             f"{s.model_type}: {s.num_layers} layers x {s.num_kv_heads} kv heads x P={self.prefix_len} x "
             f"D={s.head_dim}, sink={self.sink}, reparam_hidden={self.reparam_hidden}, rms_scaled={self.rms_scaled}"
         )
+
+    @staticmethod
+    def stack(caches: list[ReasonCache]) -> ReasonCacheBank:
+        """A ``ReasonCacheBank`` of ``caches`` (same model and prefix length, else a
+        ValueError naming which cache differs and how), for batches whose sequences use
+        different skills: patch a model with it and pass ``generate(cache_ids=...)``."""
+        return ReasonCacheBank(caches)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -328,6 +336,56 @@ class ReasonCache(nn.Module):
             cache.check_compatible(model)
             device = device or next(model.parameters()).device
         return cache.to(device) if device is not None else cache
+
+
+class ReasonCacheBank(nn.Module):
+    """Several ``ReasonCache`` of one model and prefix length, so that one batch can use
+    different skills: ``layer(i)`` gives banks ``[C, Hkv, P, D]`` and ``cache_ids [B]``
+    (set by ``generate(cache_ids=...)`` on a patched model, or ``reasoncache.hf.use_caches``)
+    says which cache each sequence uses. Build it with ``ReasonCache.stack``."""
+
+    def __init__(self, caches: list[ReasonCache]):
+        super().__init__()
+        caches = list(caches)
+        if not caches:
+            raise ValueError("ReasonCache.stack needs at least one cache")
+        bad = [i for i, c in enumerate(caches) if not isinstance(c, ReasonCache)]
+        if bad:
+            raise TypeError(f"ReasonCache.stack takes ReasonCache objects; entries {bad} are not")
+        first = caches[0]
+        diffs = []
+        for i, c in enumerate(caches[1:], start=1):
+            mine, theirs = dataclasses.asdict(c.shape), dataclasses.asdict(first.shape)
+            why = [f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+            if c.prefix_len != first.prefix_len:
+                why.append(f"prefix_len {c.prefix_len} vs {first.prefix_len}")
+            if c.position_offset != first.position_offset:
+                why.append(f"position_offset {c.position_offset} vs {first.position_offset}")
+            if why:
+                diffs.append(f"cache {i} differs from cache 0: " + "; ".join(why))
+        if diffs:
+            raise ValueError("ReasonCache.stack needs caches of the same model and prefix length: " + " | ".join(diffs))
+        self.caches = nn.ModuleList(caches)
+        self.shape, self.prefix_len, self.position_offset = first.shape, first.prefix_len, first.position_offset
+        self.cache_ids: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Prefix banks of layer ``i``: ``(keys, values)``, each ``[C, Hkv, P, D]`` fp32."""
+        pairs = [c.layer(i) for c in self.caches]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
+
+    def check_compatible(self, model: nn.Module) -> None:
+        for c in self.caches:
+            c.check_compatible(model)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def extra_repr(self) -> str:
+        return f"{len(self.caches)} caches of P={self.prefix_len}"
 
 
 def build_cache(

@@ -361,3 +361,47 @@ def test_packed_segments_are_read_only_from_a_block_diagonal_causal_pattern():
     custom = block.clone()
     custom[4, 3] = False  # a hole in a segment
     assert _packed_segments(custom[None, None]) is None
+
+
+def test_a_bank_of_caches_generates_each_prompt_with_its_own_cache():
+    """ReasonCache.stack + generate(cache_ids=...): a batch of prompts using different
+    caches equals generating each prompt with its cache alone; forward under use_caches
+    equals each cache's own forward, and the prefix gradient reaches only the caches used."""
+    model = tiny_model("llama")
+    caches = [ReasonCache.from_demonstrations(model, _ids(1, P, seed=10 + c)) for c in range(3)]
+    prompts = _ids(3, N, seed=4)
+    want = []
+    for b, c in enumerate([2, 0, 2]):
+        reasoncache.patch(model, caches[c])
+        with torch.no_grad():
+            want.append(model.generate(prompts[b : b + 1], max_new_tokens=5, do_sample=False))
+        reasoncache.unpatch(model)
+    bank = ReasonCache.stack(caches)
+    reasoncache.patch(model, bank)
+    with torch.no_grad():
+        got = model.generate(prompts, max_new_tokens=5, do_sample=False, cache_ids=[2, 0, 2])
+    assert torch.equal(got, torch.cat(want))
+    with reasoncache.hf.use_caches(model, [1, 1, 0]):
+        logits = model(prompts).logits
+    logits.sum().backward()
+    assert caches[2].keys.grad.abs().sum() == 0 and caches[1].keys.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pass cache_ids="):
+        model.generate(prompts, max_new_tokens=2)
+    with pytest.raises(ValueError, match="say which cache each sequence uses"):
+        model(prompts)
+    with pytest.raises(ValueError, match=r"cache_ids must lie in \[0, 3\)"):
+        model.generate(prompts, max_new_tokens=2, cache_ids=[0, 3, 1])
+    reasoncache.unpatch(model)
+    assert "generate" not in model.__dict__
+
+
+def test_stack_says_which_cache_differs():
+    model = tiny_model("llama")
+    a, b = ReasonCache.for_model(model, prefix_len=4), ReasonCache.for_model(model, prefix_len=5)
+    other = ReasonCache.for_model(tiny_model("qwen3"), prefix_len=4)
+    with pytest.raises(ValueError, match="cache 1 differs from cache 0: prefix_len 5 vs 4"):
+        ReasonCache.stack([a, b])
+    with pytest.raises(ValueError, match="cache 1 differs from cache 0: model_type 'qwen3' vs 'llama'"):
+        ReasonCache.stack([a, other])
+    with pytest.raises(ValueError, match="at least one cache"):
+        ReasonCache.stack([])

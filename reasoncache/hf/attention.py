@@ -172,8 +172,8 @@ def _explicit_mask_attention(query, key, value, pk, pv, mask: Tensor, scaling) -
     """Fallback for masks the fused op cannot express: the prefix copied per sequence plus
     the model's own 4-D mask, through SDPA. Correct, not fast."""
     B, Hq, Nq, _ = query.shape
-    P = pk.shape[1]
-    kc = torch.cat([pk.expand(B, -1, -1, -1), key], dim=2)
+    P = pk.shape[-2]
+    kc = torch.cat([pk.expand(B, -1, -1, -1), key], dim=2)  # pk: [Hkv, P, D] shared, or [B, Hkv, P, D]
     vc = torch.cat([pv.expand(B, -1, -1, -1), value], dim=2)
     if mask.dtype == torch.bool:
         pre = torch.ones(*mask.shape[:-1], P, dtype=torch.bool, device=mask.device)
@@ -198,9 +198,19 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
     if recorder is not None:
         recorder[layer] = (key.detach(), value.detach())
     cache = getattr(module, "_rc_cache", None)
+    ids = None
     if cache is not None:
         pk, pv = cache.layer(layer)
         pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+        if pk.dim() == 4:  # a ReasonCacheBank: each sequence uses the cache its id names
+            ids = getattr(cache, "cache_ids", None)
+            if ids is None:
+                raise ValueError(
+                    "this model is patched with a ReasonCacheBank: say which cache each sequence uses, "
+                    "model.generate(..., cache_ids=...) or `with reasoncache.hf.use_caches(model, cache_ids):`"
+                )
+            if ids.numel() != query.shape[0]:
+                raise ValueError(f"cache_ids has {ids.numel()} entries for a batch of {query.shape[0]} sequences")
     else:
         pk = pv = query.new_zeros(key.shape[1], 0, key.shape[-1])
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
@@ -223,9 +233,11 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
         cu, longest, window = varlen
         B, Hq, N, D = query.shape
         packed = lambda x: x.transpose(1, 2).reshape(B * N, x.shape[1], D)
+        seg_ids = None if ids is None else ids[(cu[:-1] // N).long()]  # each segment takes its row's cache
         out = prefix_attention(
             packed(query), packed(key), packed(value), pk, pv,
             causal=causal, softmax_scale=scaling, cu_seqlens_q=cu, max_seqlen_q=longest, sliding_window=window,
+            cache_ids=seg_ids,
         )  # fmt: skip
         return out.view(B, N, Hq, D), None
     if attention_mask is None or getattr(attention_mask, "_reasoncache_fused", False):
@@ -242,6 +254,7 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
             softmax_scale=scaling,
             key_padding_mask=kpm,
             sliding_window=window,
+            cache_ids=ids,
         )
     else:
         _warn_once(
@@ -249,6 +262,8 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
             "reasoncache: this attention mask pattern (static-cache prefill or a custom mask) "
             "is not expressible as causal + padding; using the slower explicit-mask path",
         )
+        if ids is not None:  # per-sequence prefixes [B, Hkv, P, D]
+            pk, pv = pk[ids], pv[ids]
         out = _explicit_mask_attention(query, key, value, pk, pv, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 

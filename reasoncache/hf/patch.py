@@ -103,9 +103,48 @@ def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
             state["hooks"].append(_register_offset(model, offset))
     for m in mods:
         object.__setattr__(m, "_rc_cache", cache)
+    if cache is not None and hasattr(cache, "cache_ids"):  # a ReasonCacheBank
+        object.__setattr__(model, "generate", _generate_with_cache_ids(model, model.generate))
     _set_attn_implementation(model, NAME)
     object.__setattr__(model, _STATE, state)
     return model
+
+
+def _generate_with_cache_ids(model: nn.Module, generate):
+    """``model.generate`` for a model patched with a ReasonCacheBank: it takes
+    ``cache_ids`` (one per prompt) and generates every prompt with its cache."""
+
+    def generate_with(*args, cache_ids=None, **kwargs):
+        if cache_ids is None:
+            raise ValueError(f"this model is patched with a bank of {len(model.reasoncache)} caches: pass cache_ids=")
+        if kwargs.get("num_beams", 1) > 1:
+            raise ValueError("generate(cache_ids=...) supports greedy decoding and sampling, not num_beams > 1")
+        ids = torch.as_tensor(cache_ids).repeat_interleave(kwargs.get("num_return_sequences", 1))
+        with use_caches(model, ids):
+            return generate(*args, **kwargs)
+
+    generate_with.__doc__ = (generate.__doc__ or "") + "\n\ncache_ids: one cache index per prompt (ReasonCacheBank)."
+    return generate_with
+
+
+@contextlib.contextmanager
+def use_caches(model: nn.Module, cache_ids):
+    """Within the block, sequence ``b`` of every batch uses cache ``cache_ids[b]`` of the
+    ``ReasonCacheBank`` the model is patched with (``cache_ids``: ints ``[B]``)."""
+    bank = model._modules.get("reasoncache") if getattr(model, _STATE, None) is not None else None
+    if bank is None or not hasattr(bank, "cache_ids"):
+        raise ValueError(f"{type(model).__name__} is not patched with a ReasonCacheBank (ReasonCache.stack)")
+    device = next(bank.parameters()).device
+    ids = torch.as_tensor(cache_ids, device=device)
+    if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1:
+        raise ValueError(f"cache_ids must be a 1-D list or tensor of ints, got {ids.dtype} of shape {tuple(ids.shape)}")
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < len(bank)):
+        raise ValueError(f"cache_ids must lie in [0, {len(bank)}) for a bank of {len(bank)} caches, got {ids.tolist()}")
+    previous, bank.cache_ids = bank.cache_ids, ids.long()
+    try:
+        yield model
+    finally:
+        bank.cache_ids = previous
 
 
 @contextlib.contextmanager
@@ -144,6 +183,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             del m.__dict__["_rc_cache"]
     if "reasoncache" in model._modules:
         del model._modules["reasoncache"]
+    model.__dict__.pop("generate", None)  # the cache_ids wrapper of a ReasonCacheBank
     for n, p in model.named_parameters():
         p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
     _set_attn_implementation(model, state["attn"])
