@@ -135,3 +135,33 @@ def test_the_op_runs_the_cuda_backend_glue(emu, monkeypatch):
         _check("out", out, ref_out, torch.float16)
         for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
             _check(name, g, r, torch.float16)
+
+
+def test_packed_segments_and_cache_banks_run_on_the_cuda_backend(emu, monkeypatch):
+    """Varlen (cu_seqlens, with a one-token and an empty segment) and a bank of caches
+    chosen per segment, through prefix_attention(backend="cuda") with the emulated
+    extension: each segment equals running it alone with its cache, out and gradients."""
+    monkeypatch.setattr(backends, "cuda_extension", lambda: emu)
+    monkeypatch.setattr(backends._BACKENDS["cuda"], "not_supported_reasons", lambda q: [])
+    g = torch.Generator().manual_seed(0)
+    lengths, D = [5, 1, 0, 20], 64
+    T = sum(lengths)
+    leaf = lambda *s: torch.randn(*s, generator=g).half().requires_grad_()
+    q, k, v = leaf(T, 4, D), leaf(T, 2, D), leaf(T, 2, D)
+    bank_k, bank_v = leaf(2, 2, 9, D), leaf(2, 2, 9, D)
+    cu = torch.tensor([0, 5, 6, 6, 26], dtype=torch.int32)
+    ids = torch.tensor([1, 0, 0, 1])
+    out = reasoncache.prefix_attention(q, k, v, bank_k, bank_v, cu_seqlens_q=cu, cache_ids=ids, backend="cuda")
+    dout = torch.randn(out.shape, generator=g).half()
+    grads = torch.autograd.grad(out, (q, k, v, bank_k, bank_v), dout)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bank_k, bank_v)]
+    want = []
+    for s, c in enumerate(ids.tolist()):
+        a, b = cu[s].item(), cu[s + 1].item()
+        seg = [x[a:b].transpose(0, 1)[None] for x in leaves[:3]]
+        want.append(reasoncache.prefix_attention_ref(*seg, leaves[3][c], leaves[4][c])[0][0].transpose(0, 1))
+    want = torch.cat(want)
+    ref_grads = torch.autograd.grad(want, leaves, dout.double())
+    _check("out", out, want, torch.float16)
+    for name, got, ref in zip(("dq", "dk", "dv", "dbank_k", "dbank_v"), grads, ref_grads):
+        _check(name, got, ref, torch.float16)

@@ -43,3 +43,27 @@ def test_smollm2_demonstration_cache_matches_prompt(smollm2):
         reasoncache.unpatch(model)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert torch.equal(got_gen, want_gen)
+
+
+def test_smollm2_packed_training_step_equals_padded(smollm2):
+    """On the real model (GQA 9/3 heads, 30 layers): the trainer's packed micro-batch gives
+    the padded one's loss and prefix gradient."""
+    from reasoncache.app.tasks import make_split
+    from reasoncache.app.trainer import TrainConfig, Trainer, completion_loss
+
+    model, tok = smollm2
+    train, _ = make_split("arithmetic", 4, 0, seed=0)
+    reasoncache.patch(model, ReasonCache.for_model(model, prefix_len=4))
+    try:
+        trainer = Trainer(model, tok, train, TrainConfig(steps=1, batch_size=4), "/tmp/unused", progress=False)
+        assert trainer.packing, "packing is exact on SmolLM2"
+        runs = []
+        for packed in (True, False):
+            batch = trainer._collate(trainer.encoded, trainer._micro_batch(0), packed)
+            loss, n = completion_loss(model, batch)
+            (grad,) = torch.autograd.grad(loss, model.reasoncache.keys)
+            runs.append((loss.item(), n, grad))
+    finally:
+        reasoncache.unpatch(model)
+    assert runs[0][1] == runs[1][1] and runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+    torch.testing.assert_close(runs[0][2], runs[1][2], atol=1e-5, rtol=1e-3)
