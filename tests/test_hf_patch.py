@@ -405,3 +405,37 @@ def test_stack_says_which_cache_differs():
         ReasonCache.stack([a, other])
     with pytest.raises(ValueError, match="at least one cache"):
         ReasonCache.stack([])
+
+
+def test_packed_rows_with_trailing_padding_and_flash_style_kwargs(monkeypatch):
+    """Packing mixed with padding (two rows, one padded at its end) equals each sequence
+    alone at every real token; the flash-attention keywords that
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True) adds work too; padding
+    before real tokens inside a packed sequence is refused, not approximated."""
+    from reasoncache.hf import attention as hf_attention
+
+    model = tiny_model("llama")
+    reasoncache.patch(model, ReasonCache.for_model(model, prefix_len=4))
+    monkeypatch.setattr(hf_attention, "_explicit_mask_attention", lambda *a, **k: pytest.fail("explicit path"))
+    a, b, c, d = (_ids(1, n, seed=20 + n) for n in (4, 3, 5, 4))
+    ids = torch.stack([torch.cat([a, b, _ids(1, 2, seed=9)], 1)[0], torch.cat([c, d], 1)[0]])
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 7, 8], [0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, position_ids=pos).logits
+        alone = [model(x).logits[0] for x in (a, b, c, d)]
+    torch.testing.assert_close(got[0, :7], torch.cat(alone[:2]), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], torch.cat(alone[2:]), atol=2e-5, rtol=1e-4)
+
+    flat = torch.cat([a, b, c], 1)
+    cu = torch.tensor([0, 4, 7, 12], dtype=torch.int32)
+    flat_pos = torch.cat([torch.arange(n) for n in (4, 3, 5)])[None]
+    with torch.no_grad():
+        got = model(flat, position_ids=flat_pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+    torch.testing.assert_close(got.logits[0], torch.cat(alone[:3]), atol=2e-5, rtol=1e-4)
+
+    mask_bad = torch.ones_like(ids)
+    mask_bad[0, 4] = 0  # a pad before the real tokens of the second packed sequence
+    with pytest.raises(ValueError, match="padding before real tokens inside a sequence"):
+        model(ids, attention_mask=mask_bad, position_ids=pos)

@@ -22,9 +22,10 @@ def _inputs(B=5, C=3, Hq=4, Hkv=2, Nq=6, Nk=9, P=5, D=16):
     return q, k, v, bank_k, bank_v
 
 
+@pytest.mark.parametrize("Nq", [6, 1], ids=["prefill", "decode"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_each_sequence_equals_running_it_with_its_cache_alone(backend):
-    q, k, v, bank_k, bank_v = _inputs()
+def test_each_sequence_equals_running_it_with_its_cache_alone(backend, Nq):
+    q, k, v, bank_k, bank_v = _inputs(Nq=Nq)
     ids = torch.tensor([2, 0, 2, 1, 0])
     mask = torch.ones(5, 9, dtype=torch.bool)
     mask[3, :4] = False  # left padding on one sequence

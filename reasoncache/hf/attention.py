@@ -151,6 +151,29 @@ def _segments_from_position_ids(position_ids: Tensor, batch: int) -> tuple[Tenso
     return found
 
 
+def _packed_with_padding(found: tuple[Tensor, int], kpm: Tensor, N: int) -> tuple[Tensor, int] | None:
+    """Packed segments ``found`` in rows that also carry padding ``kpm [B, N]`` (True =
+    real): the segments when some row packs two or more sequences and, inside every
+    segment, real tokens come before padding (causality then hides the padding from every
+    real token, so the varlen op is exact for them); None when no row is packed. Raises
+    when padding precedes real tokens inside a segment: no fused form is exact then."""
+    cu, _ = found
+    flat = kpm.flatten()
+    seg = torch.zeros_like(flat, dtype=torch.long)
+    seg[cu[1:-1].long()] = 1
+    seg = seg.cumsum(0)  # segment of every token
+    real_in_seg = torch.zeros(cu.numel() - 1, dtype=torch.long, device=flat.device).index_add_(0, seg, flat.long())
+    rows = (cu[:-1] // N).long()
+    if int(torch.bincount(rows[real_in_seg > 0], minlength=kpm.shape[0]).max()) < 2:
+        return None  # one real sequence a row: ordinary padding
+    if bool((flat[1:] & ~flat[:-1] & (seg[1:] == seg[:-1])).any()):
+        raise ValueError(
+            "packed sequences with padding before real tokens inside a sequence: pad each packed sequence at its "
+            "end (or give pads their own position ids), or pass no attention_mask"
+        )
+    return found
+
+
 def _varlen_marker(cu: Tensor, longest: int, window: int | None, batch: int) -> Tensor:
     """The packed segments (and the window the pattern was checked with) as a tagged 4-D
     tensor that transformers passes to every layer of that mask's kind."""
@@ -217,16 +240,24 @@ def reasoncache_attention(module, query, key, value, attention_mask, dropout=0.0
 
     varlen = getattr(attention_mask, "_reasoncache_varlen", None)
     position_ids = kwargs.get("position_ids")
-    if (
+    fused_kpm = attention_mask is not None and getattr(attention_mask, "_reasoncache_fused", False)
+    cu_kw = kwargs.get("cu_seq_lens_q")
+    if isinstance(cu_kw, Tensor) and query.shape[2] == key.shape[2] and attention_mask is None:
+        # DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands the segments over.
+        longest = kwargs.get("max_length_q")
+        varlen = (cu_kw.to(torch.int32), None if longest is None else int(longest), kwargs.get("sliding_window"))
+    elif (
         varlen is None
-        and attention_mask is None
+        and (attention_mask is None or fused_kpm)
         and isinstance(position_ids, Tensor)
         and position_ids.shape[-1] == query.shape[2] == key.shape[2]
         and not torch.compiler.is_compiling()
     ):
-        # transformers builds the packed mask only without a cache; with one (use_cache in
-        # a training forward) the mask says plain causal, and the position ids tell.
+        # transformers builds the packed mask only without a cache and without padding;
+        # otherwise the mask says plain causal (plus padding), and the position ids tell.
         found = _segments_from_position_ids(position_ids, query.shape[0])
+        if found is not None and fused_kpm:
+            found = _packed_with_padding(found, attention_mask[:, 0, 0, :], query.shape[2])
         varlen = None if found is None else (*found, kwargs.get("sliding_window"))
     if varlen is not None and key.shape[2] == query.shape[2]:
         # Packed sequences: the fused op walks the segments (reasoncache_mask found them).
