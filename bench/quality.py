@@ -34,13 +34,24 @@ VARIANTS: dict[str, dict] = {
     "prefix-rms-lr1e-1": dict(kind="prefix", init="demonstrations", lr=1e-1, rms_scaled=True),
     # the distillation objective (train --objective distill): KL to the frozen model shown 3 demonstrations
     "prefix-distill": dict(kind="prefix", init="demonstrations", lr=3e-2, objective="distill"),
+    # issue #12's fair study: LoRA gets its own learning-rate grid, and both methods the
+    # constant schedule without clipping (warmup 0, no decay, no gradient-norm clipping)
+    "lora-lr1e-3": dict(kind="lora", lr=1e-3),
+    "lora-lr5e-3": dict(kind="lora", lr=5e-3),
+    "lora-lr1e-2": dict(kind="lora", lr=1e-2),
+    "lora-const-lr2e-3": dict(kind="lora", lr=2e-3, warmup_ratio=0.0, min_lr_ratio=1.0, max_grad_norm=0.0),
+    "prefix-const-lr1e-2": dict(
+        kind="prefix", init="demonstrations", lr=1e-2, warmup_ratio=0.0, min_lr_ratio=1.0, max_grad_norm=0.0
+    ),  # fmt: skip
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
 
 
-def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None) -> dict:
+def run_one(
+    task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
+) -> dict:
     from reasoncache import build_cache, patch
     from reasoncache.app.baselines import matched_lora
     from reasoncache.app.demo import DEFAULTS
@@ -53,7 +64,7 @@ def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bo
     torch.manual_seed(seed)
     model, tok = load_model(model_path, device="cpu")
     batch = DEFAULTS["batch_size"]
-    train, test = make_split(task, steps * batch, DEFAULTS["n_test"], seed)
+    train, test = make_split(task, steps * batch, n_test or DEFAULTS["n_test"], seed)
     cache = build_cache(
         model,
         tok,
@@ -80,6 +91,9 @@ def run_one(task: str, variant: str, seed: int, *, steps: int, evaluate_test: bo
         checkpoint_every=10**9,
         max_new_tokens=DEFAULTS["max_new_tokens"],
         objective=v.get("objective", "sft"),
+        warmup_ratio=v.get("warmup_ratio", 0.1),
+        min_lr_ratio=v.get("min_lr_ratio", 0.0),
+        max_grad_norm=v.get("max_grad_norm", 1.0),
     )
     out_dir = Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
     t0 = time.time()
@@ -139,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="training steps of batch 8 (the demo's 100)")
     ap.add_argument("--no-eval", action="store_true", help="train only and record the loss (a quick screen)")
     ap.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--n-test", type=int, default=None, help="test examples per run (default: the demo's 100)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON-lines file the runs append to")
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args(argv)
@@ -154,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                 if (task, variant, seed, args.steps, not args.no_eval) in have:
                     continue
                 row = run_one(
-                    task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval, model_path=args.model
-                )
+                    task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval, model_path=args.model,
+                    n_test=args.n_test,
+                )  # fmt: skip
                 row.update(commit=env.get("git_commit"), torch=env.get("torch"), threads=torch.get_num_threads())
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 with args.out.open("a") as f:
