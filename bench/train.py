@@ -105,14 +105,15 @@ class StepRunner:
     def __init__(self, net, B: int, N: int, device: str):
         self.net, self.device = net, device
         g = torch.Generator(device).manual_seed(0)
-        self.ids = torch.randint(net.config.vocab_size, (B, N), device=device, generator=g)
+        ids = torch.randint(net.config.vocab_size, (B, N), device=device, generator=g)
+        self.inputs = dict(input_ids=ids, labels=ids)
         self.opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
         self.autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
     def step(self) -> float:
         t0 = time.perf_counter()
         with self.autocast:
-            loss = self.net(input_ids=self.ids, labels=self.ids).loss
+            loss = self.net(**self.inputs).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -149,17 +150,6 @@ class PackedStepRunner(StepRunner):
     def loss(self) -> float:
         with torch.no_grad(), self.autocast:
             return float(self.net(**self.inputs).loss)
-
-    def step(self) -> float:
-        t0 = time.perf_counter()
-        with self.autocast:
-            loss = self.net(**self.inputs).loss
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
 
 
 def packing_rows(model_name: str, B: int, N: int, P: int, device: str, steps: int) -> list[dict]:
