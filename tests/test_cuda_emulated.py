@@ -165,3 +165,22 @@ def test_packed_segments_and_cache_banks_run_on_the_cuda_backend(emu, monkeypatc
     _check("out", out, want, torch.float16)
     for name, got, ref in zip(("dq", "dk", "dv", "dbank_k", "dbank_v"), grads, ref_grads):
         _check(name, got, ref, torch.float16)
+
+
+def test_cache_banks_at_decode_run_the_cuda_decode_kernels(emu, monkeypatch):
+    """One new token per sequence (the CUDA decode path: prefix pass, split-KV, in-kernel
+    merge) with a bank of caches: each sequence equals decoding with its cache alone."""
+    monkeypatch.setattr(backends, "cuda_extension", lambda: emu)
+    monkeypatch.setattr(backends._BACKENDS["cuda"], "not_supported_reasons", lambda q: [])
+    case = Case(B=3, Hq=4, Hkv=2, Nq=1, Nk=70, P=9, D=64)
+    tensors, _ = make_inputs(case, dtype=torch.float16)
+    q, k, v = [t.detach() for t in tensors[:3]]
+    g = torch.Generator().manual_seed(3)
+    bank_k, bank_v = (torch.randn(2, 2, 9, 64, generator=g).half() for _ in range(2))
+    ids = torch.tensor([1, 0, 1])
+    out = reasoncache.prefix_attention(q, k, v, bank_k, bank_v, cache_ids=ids, backend="cuda")
+    for b, c in enumerate(ids.tolist()):
+        want, _ = reasoncache.prefix_attention_ref(
+            *[x[b : b + 1].double() for x in (q, k, v)], bank_k[c].double(), bank_v[c].double()
+        )
+        _check("out", out[b : b + 1], want, torch.float16)
