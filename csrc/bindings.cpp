@@ -136,9 +136,10 @@ rc::FwdParams base_params(const Tensor& q, const Tensor& k, const Tensor& v, con
 // not run concurrently on different streams (they share them).
 Tensor decode_tickets(const Tensor& like, int64_t n) {
   static std::mutex mu;
-  static std::map<std::string, Tensor> by_device;
+  // Never destroyed: a static tensor freed after the CUDA allocator at exit would crash.
+  static auto* by_device = new std::map<std::string, Tensor>();
   std::lock_guard<std::mutex> lock(mu);
-  Tensor& t = by_device[like.device().str()];
+  Tensor& t = (*by_device)[like.device().str()];
   if (!t.defined() || t.numel() < n)
     t = at::zeros({std::max<int64_t>(n, 1024)}, like.options().dtype(at::kInt));
   return t;
