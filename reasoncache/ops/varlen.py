@@ -11,7 +11,7 @@ keys keeps every segment's bottom-right diagonal in place (query ``i`` of a segm
 ``nq`` queries and ``nk`` keys sits at ``i + maxq - nq`` and key ``j`` at ``j + maxk - nk``,
 so ``j' <= i' + maxk - maxq`` iff ``j <= i + nk - nq``; the sliding window likewise), so
 the result is exact. The cost is that of the padded batch (``S x maxq x maxk``), not of the
-segments alone; a kernel that walks the segments directly is the open part of issue #16.
+segments alone; kernels that walk the segments directly are not written yet.
 """
 
 from __future__ import annotations
