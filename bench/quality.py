@@ -132,8 +132,8 @@ def table(rows: list[dict]) -> str:
         accs = [r["accuracy"] for r in rs if "accuracy" in r]
         loss = statistics.mean(r["loss_last10"] for r in rs)
         if accs:
-            sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-            acc, rng = f"{statistics.mean(accs):.3f} ± {sd:.3f}", f"{min(accs):.2f}-{max(accs):.2f}"
+            sd = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else " (one seed)"
+            acc, rng = f"{statistics.mean(accs):.3f}{sd}", f"{min(accs):.2f}-{max(accs):.2f}"
         else:
             acc = rng = "-"
         out.append(
