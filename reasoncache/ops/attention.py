@@ -203,7 +203,10 @@ def prefix_attention(
         out, lse = _per_cache(prefix_attention, q, k, v, prefix_k, prefix_v, cache_ids, key_padding_mask, **kw)
         return (out, lse) if return_lse else out
     if cache_ids is None and isinstance(prefix_k, Tensor) and prefix_k.dim() == 4:
-        raise ValueError("prefix_k is a bank [C, Hkv, P, D]: pass cache_ids to say which cache each sequence uses")
+        raise ValueError(
+            f"prefix_k must be 3-D [Hkv, P, D] for one cache, got shape {tuple(prefix_k.shape)}; "
+            "for a bank [C, Hkv, P, D] pass cache_ids to say which cache each sequence uses"
+        )
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if cu_seqlens_q is None:
             raise ValueError("cu_seqlens_k needs cu_seqlens_q (the query segments)")
