@@ -113,6 +113,16 @@ def _fwd_blocks(
 
 
 @triton.jit
+def _normalise(acc, l_i, m_i):
+    """The online-softmax state as (out, lse): out = acc / l, lse = ln(sum exp); a row that
+    saw no key (l = 0) gets 0 and lse = -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    return out, lse
+
+
+@triton.jit
 def _merge_partials(
     acc, l_i, m_i, PartO, PartL, b, h, qi, offs_d, io_mask, row_ok, n,
     stride_s, stride_b, stride_h, stride_m, stride_d, stride_ls, stride_lb, stride_lh, stride_lm,
@@ -243,9 +253,7 @@ def _fwd_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, WINDOW_MASK, HAS_KPM, SCALE_POSITIVE, DOT_PRECISION)
 
     # A row that saw no key (P == 0, all own keys masked) gets 0 and lse = -inf.
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    out, lse = _normalise(acc, l_i, m_i)
     out_ptrs = Out + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :] * stride_od
     lse_ptrs = Lse + b * stride_lb + h * stride_lh + qi * stride_lm
     if SPLIT_KV:
@@ -265,9 +273,7 @@ def _fwd_kernel(
             acc_f, l_f, m_f = _merge_partials(
                 acc_f, l_f, m_f, SplitO, SplitL, b, h, qi, offs_d, io_mask, row_ok, n_splits,
                 stride_ss, stride_sb, stride_sh, stride_sm, stride_sd, stride_ts, stride_tb, stride_th, stride_tm)
-            empty = l_f == 0.0
-            out = acc_f / tl.where(empty, 1.0, l_f)[:, None]
-            lse = tl.where(empty, float("-inf"), (m_f + tl.math.log2(tl.where(empty, 1.0, l_f))) * LN2)
+            out, lse = _normalise(acc_f, l_f, m_f)
             tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=io_mask)
             tl.store(lse_ptrs, lse, mask=row_ok)
             tl.atomic_xchg(ticket_ptr, 0)  # ready for the next launch
@@ -329,9 +335,7 @@ def _prefix_pass_kernel(
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
         tail, tail, n_full * BLOCK_N, 0, P, 0, 0, 0, qk_scale,
         HEAD_DIM, BLOCK_D, BLOCK_N, True, False, False, False, SCALE_POSITIVE, DOT_PRECISION)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    out, lse = _normalise(acc, l_i, m_i)
     tl.store(OP + split * stride_os + b[:, None] * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
              + offs_d[None, :] * stride_od, out, mask=io_mask)
     tl.store(LP + split * stride_ls + b * stride_lb + h * stride_lh + qi * stride_lm, lse, mask=row_ok)

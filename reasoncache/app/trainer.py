@@ -344,8 +344,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
-        bf16 = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16)
+
+    @property
+    def _bf16(self) -> bool:
+        """bf16 autocast: ``cfg.bf16``, or by default on CUDA only."""
+        return self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
 
     def _collate(self, encoded: list, mb: list[int], packed: bool | None = None) -> dict[str, torch.Tensor]:
         packed = self.packing if packed is None else packed
@@ -367,8 +371,7 @@ class Trainer:
                     lp.append(logits[t != IGNORE].float().log_softmax(-1))
         finally:
             self.model.train(was)
-        low_precision = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
-        return lp[0].shape == lp[1].shape and bool((lp[0] - lp[1]).abs().max() <= (5e-2 if low_precision else 1e-4))
+        return lp[0].shape == lp[1].shape and bool((lp[0] - lp[1]).abs().max() <= (5e-2 if self._bf16 else 1e-4))
 
     def train_step(self) -> float:
         mbs, tokens = self._step_batches(self.step)

@@ -99,6 +99,17 @@ def reasoncache_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
+def _cu_seqlens(new: Tensor) -> tuple[Tensor, int] | None:
+    """Varlen ``cu_seqlens`` (int32) over the ``B x N`` flattened tokens of ``new [B, N]``
+    (True where a segment starts; column 0 always does) and the longest segment, or None
+    when every row is one sequence (not packed: the plain causal paths take it)."""
+    starts = new.flatten().nonzero().flatten()
+    if starts.numel() == new.shape[0]:
+        return None
+    cu = torch.cat([starts, starts.new_tensor([new.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def _packed_segments(pattern: Tensor, window: int | None = None) -> tuple[Tensor, int] | None:
     """If ``pattern [B, 1, N, N]`` is block-diagonal causal (every row sees exactly the keys
     of its own segment up to itself, and with ``window`` only the last ``window`` of them:
@@ -120,11 +131,7 @@ def _packed_segments(pattern: Tensor, window: int | None = None) -> tuple[Tensor
         expected &= i[None, None, :] > i[None, :, None] - window
     if not torch.equal(rows, expected):
         return None
-    starts = new.flatten().nonzero().flatten()  # row 0 of every batch row starts a segment
-    if starts.numel() == B:
-        return None  # one sequence a row: not packed (the plain causal paths take it)
-    cu = torch.cat([starts, starts.new_tensor([B * N])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+    return _cu_seqlens(new)
 
 
 def _segments_from_position_ids(position_ids: Tensor, batch: int) -> tuple[Tensor, int] | None:
@@ -139,11 +146,7 @@ def _segments_from_position_ids(position_ids: Tensor, batch: int) -> tuple[Tenso
     pos = position_ids.expand(batch, -1)
     new = torch.ones_like(pos, dtype=torch.bool)
     new[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-    starts = new.flatten().nonzero().flatten()
-    found = None
-    if starts.numel() > batch:
-        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
-        found = (cu, int((cu[1:] - cu[:-1]).max()))
+    found = _cu_seqlens(new)
     try:
         position_ids._rc_segments = found
     except (AttributeError, RuntimeError):  # a tensor that takes no attributes: recompute next time
