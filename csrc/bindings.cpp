@@ -14,6 +14,7 @@
 #define RC_DEVICE_GUARD(t) (void)0
 #endif
 
+#include <array>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -28,6 +29,10 @@ void launch_bwd(const BwdParams& p, int dtype, int D);
 size_t attend_smem_bytes(int dtype, int D);
 size_t bwd_smem_bytes(int dtype, int D);
 }  // namespace reasoncache
+#ifdef RC_EMULATE
+std::array<uint64_t, 4> rc_emu_smem_stats(bool reset);  // emu/emu_fwd.cpp
+uint64_t rc_emu_extra_wavefronts(const std::vector<long>& offsets);
+#endif
 
 namespace {
 namespace rc = reasoncache;
@@ -322,4 +327,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "bytes of dynamic shared memory one block of the 'fwd' (forward and decode) or 'bwd' kernels needs for "
       "bf16 (else fp16) at head_dim; 0 where there is no kernel",
       py::arg("kernel"), py::arg("bf16"), py::arg("head_dim"));
+#ifdef RC_EMULATE
+  m.def(
+      "smem_stats",
+      [](bool reset) {
+        const auto s = rc_emu_smem_stats(reset);
+        return std::map<std::string, uint64_t>{{"ldmatrix_requests", s[0]},
+                                               {"ldmatrix_extra_wavefronts", s[1]},
+                                               {"cp_async_requests", s[2]},
+                                               {"cp_async_extra_wavefronts", s[3]}};
+      },
+      "the emulator's shared-memory bank counts since the last reset (then resets them if `reset`)",
+      py::arg("reset") = false);
+  m.def("extra_wavefronts", &rc_emu_extra_wavefronts,
+        "wavefronts beyond the first that 16-byte accesses at these shared-memory byte offsets need",
+        py::arg("offsets"));
+#endif
 }

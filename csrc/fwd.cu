@@ -1,22 +1,48 @@
 // Forward and decode: one kernel that attends a tile of query rows to the shared prefix
-// and/or a range of the rows' own keys, with an online softmax (flash attention).
+// and/or a range of the rows' own keys, with an online softmax (FlashAttention-2's form).
 //
-// Each block has 4 warps and a 64-row query tile; warp w owns rows 16w..16w+15. Per key
-// tile (64 keys) a warp computes S = Q K^T on tensor cores (WMMA, fp32 accumulate) into
-// shared memory, updates its rows' running max and sum, writes P in the input dtype, and
-// accumulates O += P V into an fp32 shared tile. The shared prefix is one more key range:
-// it is never copied per sequence.
+// Each block has 4 warps and a 64-row query tile; warp w owns rows 16w..16w+15. Key and
+// value tiles of 64 rows stream through a double buffer in shared memory (cp.async: tile
+// t + 1 is in flight while tile t is computed), stored swizzled (mma.cuh) so every ldmatrix
+// and every 16-byte copy is free of bank conflicts. Everything else lives in registers: Q's
+// fragments (loaded once), S = Q K^T from mma.sync.m16n8k16, the running max and sum, and
+// the O accumulator; P goes from S's accumulator layout straight into the A operand of
+// O += P V. Only tiles on a boundary (the last, partial tile of a range; the causal
+// diagonal; a window's edge; a padding mask) pay for masking. The shared prefix is one more
+// key range: it is never copied per sequence.
 #include "common.cuh"
+#include "mma.cuh"
 
 
 namespace reasoncache {
-using namespace nvcuda;
 
 template <typename T, int D>
 struct AttendSmem {
-  static constexpr size_t kBytes = sizeof(T) * (kBlockM * D + 2 * kBlockN * D + kBlockM * kBlockN) +
-                                   sizeof(float) * (kBlockM * kBlockN + kBlockM * D + 3 * kBlockM);
+  // the Q tile, two K and two V tiles (the double buffer), 16 bytes for the merge's flag
+  static constexpr size_t kTile = sizeof(T) * kBlockN * D;
+  static constexpr size_t kBytes = sizeof(T) * kBlockM * D + 4 * kTile + 16;
+  // decode's merge reuses the K/V tiles for a [kBlockM, kMaxParts] fp32 weight table
+  static_assert(sizeof(float) * kBlockM * kMaxParts <= 4 * kTile, "merge weights must fit in the K/V tiles");
 };
+
+// Issue the copies of rows [0, n) of a global [*, D] tile (row stride D) into a swizzled
+// [kRows, D] shared tile; rows n.. are zero-filled. Completes at cp_async_wait.
+template <typename T, int D, int kRows>
+__device__ __forceinline__ void async_tile(T* __restrict__ dst, const T* __restrict__ src, int n) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const bool ok = r < n;
+    cp_async_16(dst + swizzle<D>(r, c), ok ? src + int64_t(r) * D + c : src, ok);
+  }
+}
+
+// Two adjacent output elements (columns c, c + 1 of one row), rounded to OutT.
+template <typename OutT>
+__device__ __forceinline__ void store2(OutT* dst, float a, float b) {
+  dst[0] = from_float<OutT>(a);
+  dst[1] = from_float<OutT>(b);
+}
 
 // Merge p.n_parts normalised partials of rows [row0, row0 + nrows) of problem
 // (b_base, h_base) by their log-sum-exp, in partial order, into p.final_out / final_lse.
@@ -54,18 +80,14 @@ __device__ void merge_partials(const FwdParams& p, float* sW, int row0, int nrow
 template <typename T, typename OutT, int D>
 __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  static_assert(kBlockM == 64 && kBlockN == 64 && kWarps == 4, "the fragment loops assume 4 warps of 16 rows, 64 keys");
   RC_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem);        // [BM, D]
-  T* sK = sQ + kBlockM * D;                  // [BN, D]
-  T* sV = sK + kBlockN * D;                  // [BN, D]
-  T* sP = sV + kBlockN * D;                  // [BM, BN]
-  float* sS = reinterpret_cast<float*>(sP + kBlockM * kBlockN);  // [BM, BN]
-  float* sO = sS + kBlockM * kBlockN;        // [BM, D]
-  float* sM = sO + kBlockM * D;              // [BM] running max, log2 domain
-  float* sL = sM + kBlockM;                  // [BM] running sum
-  float* sAlpha = sL + kBlockM;              // [BM] this tile's rescale factor
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM, D], swizzled
+  T* sK = sQ + kBlockM * D;            // [2][BN, D], swizzled
+  T* sV = sK + 2 * kBlockN * D;        // [2][BN, D], swizzled
+  int* sFlag = reinterpret_cast<int*>(sV + 2 * kBlockN * D);
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int G = p.Hq / p.Hkv;
   const int split = blockIdx.x / p.problems_per_split, pz = blockIdx.x % p.problems_per_split;
   int b_base = 0, h_base = 0, hkv = 0;
@@ -82,128 +104,202 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
 
   // Q tile: rows may come from several (b, h) (decode), so each row has its own address.
   {
-    constexpr int kVec = 16 / sizeof(T), kPerRow = D / kVec;
+    constexpr int kChunks = D / 8;
     const T* q = static_cast<const T*>(p.q);
-    for (int idx = threadIdx.x; idx < kBlockM * kPerRow; idx += kThreads) {
-      const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
-      uint4 val = make_uint4(0, 0, 0, 0);
+    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = (idx % kChunks) * 8;
+      const T* src = q;
       if (r < nrows) {
         int b, h, i;
         p.map.locate(row0 + r, b_base, h_base, b, h, i);
-        val = *reinterpret_cast<const uint4*>(q + ((int64_t(b) * p.Hq + h) * p.Nq + i) * D + c);
+        src = q + ((int64_t(b) * p.Hq + h) * p.Nq + i) * D + c;
       }
-      *reinterpret_cast<uint4*>(sQ + r * D + c) = val;
+      cp_async_16(sQ + swizzle<D>(r, c), src, r < nrows);
     }
   }
-  for (int idx = threadIdx.x; idx < kBlockM * D; idx += kThreads) sO[idx] = 0.f;
-  for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
-    sM[r] = -INFINITY;
-    sL[r] = 0.f;
-  }
 
-  // This lane's softmax row and half of the key tile.
-  const int lr = lane >> 1, half_ = lane & 1, wr = warp * 16 + lr;
-  int rb = 0, rh = 0, ri = 0;
-  const bool row_ok = wr < nrows;
-  if (row_ok) p.map.locate(row0 + wr, b_base, h_base, rb, rh, ri);
-
-  auto tile = [&](const T* ksrc, const T* vsrc, int n, bool own, int n0, const uint8_t* kpm_row) {
-    __syncthreads();  // every warp is done with the previous sK / sV
-    load_tile<T, D, kBlockN>(sK, ksrc, n, D);
-    load_tile<T, D, kBlockN>(sV, vsrc, n, D);
-    __syncthreads();
-    for (int nb = 0; nb < kBlockN / 16; ++nb) {  // S = Q K^T
-      AccFrag acc;
-      wmma::fill_fragment(acc, 0.f);
-      mma_rows<T, D / 16, wmma::col_major>(acc, sQ + warp * 16 * D, D, sK + nb * 16 * D, D, 16);
-      wmma::store_matrix_sync(sS + warp * 16 * kBlockN + nb * 16, acc, kBlockN, wmma::mem_row_major);
-    }
-    __syncwarp();
-    float* srow = sS + wr * kBlockN;
-    T* prow = sP + wr * kBlockN;
-    float mx = -INFINITY;
-    for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {
-      const bool ok = row_ok && c < n && (!own || own_visible(ri, n0 + c, p.Nq, p.Nk, p.causal, p.window, kpm_row));
-      const float s = ok ? srow[c] * p.scale_log2 : -INFINITY;
-      srow[c] = s;
-      mx = fmaxf(mx, s);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_old = sM[wr];
-    const float m_new = fmaxf(m_old, mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-    const float alpha = exp2f(m_old - m_use);
-    float sum = 0.f;
-    for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {
-      const float e = exp2f(srow[c] - m_use);
-      sum += e;
-      prow[c] = from_float<T>(e);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    if (half_ == 0) {
-      sM[wr] = m_new;
-      sL[wr] = sL[wr] * alpha + sum;
-      sAlpha[wr] = alpha;
-    }
-    __syncwarp();
-    for (int idx = lane; idx < 16 * D; idx += 32) sO[warp * 16 * D + idx] *= sAlpha[warp * 16 + idx / D];
-    __syncwarp();
-#pragma unroll
-    for (int db = 0; db < D / 16; ++db) {
-      AccFrag acc;  // O += P V
-      wmma::load_matrix_sync(acc, sO + warp * 16 * D + db * 16, D, wmma::mem_row_major);
-      mma_rows<T, kBlockN / 16, wmma::row_major>(acc, sP + warp * 16 * kBlockN, kBlockN, sV + db * 16, D, 16 * D);
-      wmma::store_matrix_sync(sO + warp * 16 * D + db * 16, acc, D, wmma::mem_row_major);
-    }
-    __syncwarp();
-  };
-
-  __syncthreads();
+  // Key ranges: this split's share of the prefix, then of the own keys.
+  int pre_lo = 0, pre_hi = 0, own_lo = 0, own_hi = 0;
   if (p.use_prefix) {
-    const T* pk = static_cast<const T*>(p.pk) + int64_t(hkv) * p.P * D;
-    const T* pv = static_cast<const T*>(p.pv) + int64_t(hkv) * p.P * D;
-    const int lo = split * p.prefix_chunk, hi = min(p.P, lo + p.prefix_chunk);
-    for (int n0 = lo; n0 < hi; n0 += kBlockN) tile(pk + n0 * D, pv + n0 * D, min(kBlockN, hi - n0), false, 0, nullptr);
+    pre_lo = split * p.prefix_chunk;
+    pre_hi = min(p.P, pre_lo + p.prefix_chunk);
   }
-  if (p.use_own) {
-    // Own keys need one batch index per block: problem kinds 0 and 2.
-    const int64_t base = (int64_t(b_base) * p.Hkv + hkv) * p.Nk * D;
-    const T* k = static_cast<const T*>(p.k) + base;
-    const T* v = static_cast<const T*>(p.v) + base;
-    const uint8_t* kpm_row = p.kpm ? p.kpm + int64_t(b_base) * p.Nk : nullptr;
-    int lo = split * p.own_chunk, hi = min(p.Nk, lo + p.own_chunk);
+  // Rows of this block span query positions [i_min, i_max] (all of them when the block mixes sequences).
+  int i_min = 0, i_max = p.Nq - 1;
+  if (p.problem_kind == 0) { i_min = row0; i_max = row0 + nrows - 1; }
+  const int diag = p.Nk - p.Nq;
+  if (p.use_own) {  // own keys need one batch index per block: problem kinds 0 and 2
+    own_lo = split * p.own_chunk;
+    own_hi = min(p.Nk, own_lo + p.own_chunk);
     if (p.causal) {  // skip key tiles no row of this block can see
-      int i_min = 0, i_max = p.Nq - 1;
-      if (p.problem_kind == 0) { i_min = row0; i_max = row0 + nrows - 1; }
-      hi = min(hi, i_max + p.Nk - p.Nq + 1);
-      if (p.window > 0) lo = max(lo, i_min + p.Nk - p.Nq - p.window + 1);
+      own_hi = min(own_hi, i_max + diag + 1);
+      if (p.window > 0) own_lo = max(own_lo, i_min + diag - p.window + 1);
     }
-    for (int n0 = lo; n0 < hi; n0 += kBlockN)
-      tile(k + int64_t(n0) * D, v + int64_t(n0) * D, min(kBlockN, hi - n0), true, n0, kpm_row);
   }
+  const int n_pre = pre_hi > pre_lo ? (pre_hi - pre_lo + kBlockN - 1) / kBlockN : 0;
+  const int n_own = own_hi > own_lo ? (own_hi - own_lo + kBlockN - 1) / kBlockN : 0;
+  const int n_tiles = n_pre + n_own;
+  const int64_t prefix_base = int64_t(hkv) * p.P * D;
+  const int64_t own_base = (int64_t(b_base) * p.Hkv + hkv) * p.Nk * D;
+  const uint8_t* kpm_row = p.kpm ? p.kpm + int64_t(b_base) * p.Nk : nullptr;
+
+  // Tile `tile`'s first key n0 and length n within its range, and whether it is an own tile.
+  auto tile_range = [&](int tile, int& n0, int& n) {
+    const bool own = tile >= n_pre;
+    n0 = own ? own_lo + (tile - n_pre) * kBlockN : pre_lo + tile * kBlockN;
+    n = min(kBlockN, (own ? own_hi : pre_hi) - n0);
+    return own;
+  };
+  auto issue = [&](int tile, int buf) {
+    int n0, n;
+    const bool own = tile_range(tile, n0, n);
+    const T* ks = static_cast<const T*>(own ? p.k : p.pk) + (own ? own_base : prefix_base) + int64_t(n0) * D;
+    const T* vs = static_cast<const T*>(own ? p.v : p.pv) + (own ? own_base : prefix_base) + int64_t(n0) * D;
+    async_tile<T, D, kBlockN>(sK + buf * kBlockN * D, ks, n);
+    async_tile<T, D, kBlockN>(sV + buf * kBlockN * D, vs, n);
+  };
+  if (n_tiles > 0) issue(0, 0);
+  cp_async_commit();  // group 0: Q and the first K/V tile
+
+  // This lane's two rows (g and g + 8 of its warp's 16) and their query positions.
+  int rb[2] = {0, 0}, rh[2] = {0, 0}, ri[2] = {0, 0};
+  bool row_ok[2];
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + g + rr * 8;
+    row_ok[rr] = r < nrows;
+    if (row_ok[rr]) p.map.locate(row0 + r, b_base, h_base, rb[rr], rh[rr], ri[rr]);
+  }
+
+  uint32_t qf[D / 16][4];  // Q's A fragments, one per 16 columns
+  float o[D / 8][4];       // O accumulator: D / 8 C tiles of 16 x 8
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (log2 domain) and this lane's partial sum
+#pragma unroll
+  for (int dj = 0; dj < D / 8; ++dj) o[dj][0] = o[dj][1] = o[dj][2] = o[dj][3] = 0.f;
+  const int mi = lane / 8, mr = lane % 8;  // which 8x8 matrix of an ldmatrix.x4 this lane addresses, and its row
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int buf = tile & 1;
+    if (tile + 1 < n_tiles) issue(tile + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile's group has landed (the next one may still be in flight)
+    __syncthreads();
+    if (tile == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldmatrix_x4(qf[kk], sQ + swizzle<D>(warp * 16 + mr + (mi & 1) * 8, kk * 16 + (mi >> 1) * 8));
+    }
+    const T* kt = sK + buf * kBlockN * D;
+    const T* vt = sV + buf * kBlockN * D;
+
+    float s[kBlockN / 8][4];  // S = Q K^T: 8 C tiles of 16 x 8
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; j += 2) {
+        uint32_t kb[4];  // B fragments of key tiles j and j + 1 at columns kk * 16..
+        ldmatrix_x4(kb, kt + swizzle<D>((j + (mi >> 1)) * 8 + mr, kk * 16 + (mi & 1) * 8));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        mma_16816<T>(s[j], qf[kk], b0);
+        mma_16816<T>(s[j + 1], qf[kk], b1);
+      }
+    }
+
+    int n0, n;
+    const bool own = tile_range(tile, n0, n);
+    // Interior tiles (every key visible to every row of the block) skip the mask.
+    bool masked = n < kBlockN;
+    if (own) {
+      masked = masked || kpm_row != nullptr;
+      if (p.causal) masked = masked || n0 + kBlockN - 1 > i_min + diag || (p.window > 0 && n0 <= i_max + diag - p.window);
+    }
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * p.scale_log2;
+        if (masked) {
+          const int c = j * 8 + 2 * t + (e & 1);
+          const bool ok = c < n && (!own || own_visible(ri[e >> 1], n0 + c, p.Nq, p.Nk, p.causal, p.window, kpm_row));
+          x = ok ? x : -INFINITY;
+        }
+        s[j][e] = x;
+      }
+
+    // Online softmax; a row's 64 scores are spread over the 4 lanes of a quad.
+    float alpha[2], mu[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[rr], mx);
+      mu[rr] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+      alpha[rr] = exp2f(m[rr] - mu[rr]);
+      m[rr] = m_new;
+      l[rr] *= alpha[rr];
+    }
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = exp2f(s[j][e] - mu[e >> 1]);
+        l[e >> 1] += s[j][e];
+      }
+#pragma unroll
+    for (int dj = 0; dj < D / 8; ++dj) {
+      o[dj][0] *= alpha[0]; o[dj][1] *= alpha[0];
+      o[dj][2] *= alpha[1]; o[dj][3] *= alpha[1];
+    }
+
+    // O += P V: two S tiles make one A fragment; V's B fragments come transposed.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dj = 0; dj < D / 8; dj += 2) {
+        uint32_t vb[4];  // B fragments of output columns dj and dj + 1 at keys kk * 16..
+        ldmatrix_x4_trans(vb, vt + swizzle<D>(kk * 16 + (mi & 1) * 8 + mr, (dj + (mi >> 1)) * 8));
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        mma_16816<T>(o[dj], a, b0);
+        mma_16816<T>(o[dj + 1], a, b1);
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before the next iteration refills it
+  }
+  cp_async_wait<0>();
 
   // out = O / l (0 for a row that saw nothing), lse = ln(sum exp) = ln2 * (m + log2 l).
-  if (row_ok) {
-    const float l = sL[wr];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int64_t row = ((int64_t(split) * p.B + rb) * p.Hq + rh) * p.Nq + ri;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+    if (!row_ok[rr]) continue;
+    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    const int64_t row = ((int64_t(split) * p.B + rb[rr]) * p.Hq + rh[rr]) * p.Nq + ri[rr];
     OutT* out = static_cast<OutT*>(p.out) + row * D;
-    for (int c = half_ * (D / 2); c < (half_ + 1) * (D / 2); ++c) out[c] = from_float<OutT>(sO[wr * D + c] * inv);
-    if (half_ == 0) p.lse[row] = l > 0.f ? (sM[wr] + log2f(l)) * kLn2 : -INFINITY;
+#pragma unroll
+    for (int dj = 0; dj < D / 8; ++dj) store2(out + dj * 8 + 2 * t, o[dj][2 * rr] * inv, o[dj][2 * rr + 1] * inv);
+    if (t == 0) p.lse[row] = l[rr] > 0.f ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
   }
 
   if (p.tickets != nullptr) {
     // Decode: the last split of this (problem, row tile) merges all partials (CUTLASS's
     // semaphore: fence, barrier, one atomic; the winner fences again and reads from L2).
     __threadfence();
-    __syncthreads();
+    __syncthreads();  // also: no warp reads the K/V tiles any more, so the merge may reuse them
     int* ticket = p.tickets + int64_t(pz) * gridDim.y + blockIdx.y;
     const int splits = int(gridDim.x) / p.problems_per_split;
-    if (threadIdx.x == 0) sAlpha[0] = atomicAdd(ticket, 1) == splits - 1 ? 1.f : 0.f;
+    if (threadIdx.x == 0) *sFlag = atomicAdd(ticket, 1) == splits - 1;
     __syncthreads();
-    if (sAlpha[0] != 0.f) {
+    if (*sFlag) {
       __threadfence();
-      merge_partials<T>(p, sS, row0, nrows, b_base, h_base, D);
+      merge_partials<T>(p, reinterpret_cast<float*>(sK), row0, nrows, b_base, h_base, D);
       if (threadIdx.x == 0) atomicExch(ticket, 0);  // ready for the next launch
     }
   }

@@ -3,10 +3,13 @@ through csrc/emu/cuda_emu.h and compared with the fp64 oracle: forward, lse, dec
 (Hydragen prefix pass, split own cache, log-sum-exp merge) and all five gradients.
 
 The emulator runs every CUDA thread of a block as a fiber that switches only at
-barriers, and WMMA as plain fp32-accumulated products of fp16/bf16 operands. It checks
-the kernels' indexing, masking, tiling, online softmax, barrier placement and the
-bindings' glue; it cannot check speed, register or shared-memory pressure, or fragment
-layouts. tests/test_gpu.py runs the same comparisons on a real GPU.
+barriers. The forward's mma.sync, ldmatrix and cp.async run with the PTX ISA's per-lane
+fragment layouts and copy semantics, and their shared-memory addresses go through a bank
+model; the backward's WMMA runs as plain fp32-accumulated products of fp16/bf16 operands.
+It checks the kernels' indexing, masking, tiling, fragment layouts (forward), online
+softmax, barrier and cp.async wait placement, bank conflicts and the bindings' glue; it
+cannot check speed or register pressure. tests/test_gpu.py runs the same comparisons on
+a real GPU.
 """
 
 import math
@@ -184,3 +187,29 @@ def test_cache_banks_at_decode_run_the_cuda_decode_kernels(emu, monkeypatch):
             *[x[b : b + 1].double() for x in (q, k, v)], bank_k[c].double(), bank_v[c].double()
         )
         _check("out", out[b : b + 1], want, torch.float16)
+
+
+def test_the_bank_model_counts_what_a_gpu_serializes(emu):
+    """The emulator's bank model, checked on hand-made phases of 8 x 16-byte accesses."""
+    row = 128  # bytes in a D=64 row of 16-bit elements
+    assert emu.extra_wavefronts([r * row for r in range(8)]) == 7  # one column of 8 rows: 8-way conflict
+    assert emu.extra_wavefronts([r * row + 16 * (r % 8) for r in range(8)]) == 0  # swizzled: chunk 0 of row r at r
+    assert emu.extra_wavefronts([16 * c for c in range(8)]) == 0  # 8 chunks of one row
+    assert emu.extra_wavefronts([0] * 8) == 0  # one address: a broadcast
+    assert emu.extra_wavefronts([0, 256, 512, 768, 16, 32, 48, 64]) == 3
+
+
+@pytest.mark.parametrize("D,dt", [(64, "fp16"), (128, "bf16")])
+def test_forward_shared_memory_accesses_are_conflict_free(emu, D, dt):
+    """Every ldmatrix (Q, K, and V transposed) and every cp.async of the forward, as the
+    emulator saw them lane by lane, needs one wavefront per 8-lane phase: the swizzle works."""
+    case = Case(B=1, Hq=2, Hkv=1, Nq=70, Nk=70, P=17, D=D)
+    tensors, _ = make_inputs(case, dtype=DTYPES[dt])
+    q, k, v, pk, pv = [t.detach() for t in tensors]
+    emu.smem_stats(reset=True)
+    emu.fwd(q, k, v, pk, pv, None, True, 1 / math.sqrt(D), 0)
+    emu.decode(q[:, :, -2:].contiguous(), k, v, pk, pv, None, True, 1 / math.sqrt(D), 0, 2)
+    stats = emu.smem_stats(reset=True)
+    assert stats["ldmatrix_requests"] > 0 and stats["cp_async_requests"] > 0, stats
+    assert stats["ldmatrix_extra_wavefronts"] == 0, stats
+    assert stats["cp_async_extra_wavefronts"] == 0, stats
