@@ -47,10 +47,7 @@ SMEM_OPTIN = {
 TARGET_LIMIT = {90: SMEM_OPTIN["sm_90 (H100/H200)"], 80: SMEM_OPTIN["sm_80 (A100)"]}
 
 # Findings an open issue already names: (backend, rule) -> why it is not failing CI yet.
-KNOWN = {
-    ("cuda", "bf16 fragment loads without LDSM"): "#15: the WMMA kernels are to be rewritten on mma.sync + ldmatrix",
-    ("cuda", "spills"): "#15: dk/dv spills 16-32 B (bf16 D=128 at 255 registers, fp16 D=64); same rewrite",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _tools() -> Path:

@@ -1,145 +1,205 @@
 // Backward: dq, then dk/dv of the own keys, then the batch-summed prefix gradient.
 //
-// Flash-attention-2 style recomputation from the forward's lse, without atomics: every
-// output element is written by exactly one block in a fixed order, so the backward is
-// bitwise deterministic. The prefix gradient is summed over the batch inside the kernel:
-// block (key tile, KV head, split s) walks sequences s, s + splits, ... and writes one fp32
-// partial [splits, Hkv, P, D]; the bindings add the partials in a fixed order.
+// FlashAttention-2's recomputation from the forward's lse, on mma.sync + ldmatrix with
+// every score, probability and accumulator in registers (layouts in mma.cuh), swizzled
+// shared memory and cp.async double buffers for the tiles that stream. Without atomics:
+// every output element is written by exactly one block in a fixed order, so the backward is
+// bitwise deterministic. dq takes its own pass (3 products per tile pair, against 4 for
+// dk/dv): 7 in all, where FA2's atomic dq needs 5.
+// The prefix gradient is summed over the batch inside the kernel: block (key tile, KV head,
+// split s) walks sequences s, s + splits, ... and writes one fp32 partial
+// [splits, Hkv, P, D]; the bindings add the partials in a fixed order.
 #include "common.cuh"
+#include "mma.cuh"
 
 
 namespace reasoncache {
-using namespace nvcuda;
-
-// o1 = a1 (16 x D) b1^T and o2 = a2 b2^T against the 64 rows of b1, b2: [16, 64] fp32 each
-// (scores and their gradient dP, from the same tiles).
-template <typename T, int D>
-__device__ __forceinline__ void score_pair(const T* a1, const T* b1, float* o1, const T* a2, const T* b2, float* o2) {
-  for (int nb = 0; nb < 4; ++nb) {
-    AccFrag s, dp;
-    wmma::fill_fragment(s, 0.f);
-    wmma::fill_fragment(dp, 0.f);
-    mma_rows<T, D / 16, wmma::col_major>(s, a1, D, b1 + nb * 16 * D, D, 16);
-    mma_rows<T, D / 16, wmma::col_major>(dp, a2, D, b2 + nb * 16 * D, D, 16);
-    wmma::store_matrix_sync(o1 + nb * 16, s, 64, wmma::mem_row_major);
-    wmma::store_matrix_sync(o2 + nb * 16, dp, 64, wmma::mem_row_major);
-  }
-}
 
 template <typename T, int D>
 struct BwdSmem {
-  // 4 [64, D] tiles in T, two [64, 64] fp32 score tiles, two [64, 64] T tiles, lse and delta
-  static constexpr size_t kBytes =
-      sizeof(T) * (4 * 64 * D + 2 * 64 * 64) + sizeof(float) * (2 * 64 * 64 + 2 * 64);
-  static_assert(2 * 64 * 64 >= 64 * D, "the fp32 score tiles double as the output staging tile");
+  // two [64, D] tiles loaded once, two double-buffered [64, D] tiles, and a double-buffered
+  // lse and delta (64 rows each)
+  static constexpr size_t kBytes = sizeof(T) * 6 * 64 * D + sizeof(float) * 4 * 64;
 };
 
-// Rows of [64, D] at the row-major address base + r * D, for r < rows; zero beyond.
+// Issue the copies of rows [0, n) of a global [*, D] tile into a swizzled [64, D] shared
+// tile (rows n.. zero-filled). Completes at cp_async_wait.
 template <typename T, int D>
-__device__ __forceinline__ void load_rows(T* dst, const T* src, int rows) {
-  load_tile<T, D, 64>(dst, src, rows, D);
-}
-
-// Shared memory of both backward kernels: four [64, D] tiles, two [64, 64] tiles in T,
-// two [64, 64] fp32 score tiles (later the fp32 staging tile of the output), lse and delta.
-template <typename T, int D>
-struct BwdTiles {
-  T *t0, *t1, *t2, *t3, *h0, *h1;
-  float *f0, *f1, *lse, *delta;
-  __device__ __forceinline__ explicit BwdTiles(unsigned char* smem) {
-    t0 = reinterpret_cast<T*>(smem);
-    t1 = t0 + 64 * D;
-    t2 = t1 + 64 * D;
-    t3 = t2 + 64 * D;
-    h0 = t3 + 64 * D;
-    h1 = h0 + 64 * 64;
-    f0 = reinterpret_cast<float*>(h1 + 64 * 64);
-    f1 = f0 + 64 * 64;
-    lse = f1 + 64 * 64;
-    delta = lse + 64;
-  }
-};
-
-// lse (log2 domain; +inf for a row that sees nothing, so its p is 0) and delta of 64 rows.
-__device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const BwdParams& p, int64_t qrow,
-                                               int nrows) {
-  for (int r = threadIdx.x; r < 64; r += kThreads) {
-    const float l = r < nrows ? p.lse[qrow + r] : -INFINITY;
-    sLse[r] = l == -INFINITY ? INFINITY : l * kLog2e;
-    sDelta[r] = r < nrows ? p.delta[qrow + r] : 0.f;
+__device__ __forceinline__ void async_rows(T* __restrict__ dst, const T* __restrict__ src, int n) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < 64 * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const bool ok = r < n;
+    cp_async_16(dst + swizzle<D>(r, c), ok ? src + int64_t(r) * D + c : src, ok);
   }
 }
+
+// acc[16 x 64] = A (rows 16w.. of the swizzled tile `a`) x B^T (the 64 rows of tile `b`):
+// scores (or dP) of this warp's 16 rows against 64 keys (or, transposed, of its 16 keys
+// against 64 query rows), 8 C tiles.
+template <typename T, int D>
+__device__ __forceinline__ void warp_scores(float (&acc)[8][4], const T* a, const T* b) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, mi = lane / 8, mr = lane % 8;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  // Not unrolled over kk: only addresses depend on it, and unrolling lets the compiler
+  // hoist every fragment load at once, which pushed dk/dv (2 x D/2 fp32 registers) to spill.
+#pragma unroll 1
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(af, a + swizzle<D>(warp * 16 + mr + (mi & 1) * 8, kk * 16 + (mi >> 1) * 8));
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b + swizzle<D>((j + (mi >> 1)) * 8 + mr, kk * 16 + (mi & 1) * 8));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_16816<T>(acc[j], af, b0);
+      mma_16816<T>(acc[j + 1], af, b1);
+    }
+  }
+}
+
+// out[16 x D] += X (16 x 64, in C layout, packed to T: x[j] holds C tile j's rows g and
+// g + 8) x the swizzled [64, D] tile `b` (its rows are X's columns).
+template <typename T, int D>
+__device__ __forceinline__ void warp_accumulate_packed(float (&out)[D / 8][4], const uint32_t (&x)[8][2], const T* b) {
+  const int lane = threadIdx.x % 32, mi = lane / 8, mr = lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t a[4] = {x[2 * kk][0], x[2 * kk][1], x[2 * kk + 1][0], x[2 * kk + 1][1]};
+#pragma unroll
+    for (int dj = 0; dj < D / 8; dj += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, b + swizzle<D>(kk * 16 + (mi & 1) * 8 + mr, (dj + (mi >> 1)) * 8));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_16816<T>(out[dj], a, b0);
+      mma_16816<T>(out[dj + 1], a, b1);
+    }
+  }
+}
+
+// The same with X in fp32 C layout, rounded to T on the way.
+template <typename T, int D>
+__device__ __forceinline__ void warp_accumulate(float (&out)[D / 8][4], const float (&x)[8][4], const T* b) {
+  uint32_t packed[8][2];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    packed[j][0] = pack2<T>(x[j][0], x[j][1]);
+    packed[j][1] = pack2<T>(x[j][2], x[j][3]);
+  }
+  warp_accumulate_packed<T, D>(out, packed, b);
+}
+
+template <int D>
+__device__ __forceinline__ void zero(float (&acc)[D / 8][4]) {
+#pragma unroll
+  for (int dj = 0; dj < D / 8; ++dj) acc[dj][0] = acc[dj][1] = acc[dj][2] = acc[dj][3] = 0.f;
+}
+
+// lse in the log2 domain, +inf for a row that sees nothing (so its p is 0).
+__device__ __forceinline__ float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
 // ---------------------------------------------------------------- dq
-// grid (B * Hq, q tiles). Warp w owns query rows 16w..16w+15 and accumulates their dq.
+// grid (B * Hq, q tiles). Warp w owns query rows 16w..16w+15 and accumulates their dq over
+// the prefix's key tiles, then its own (double-buffered).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   RC_DYNAMIC_SMEM(smem);
-  const BwdTiles<T, D> sm(smem);
-  T *sQ = sm.t0, *sdO = sm.t1, *sK = sm.t2, *sV = sm.t3, *sdS = sm.h0;  // sdS: [64 rows, 64 keys]
-  float *sS = sm.f0, *sdP = sm.f1, *sLse = sm.lse, *sDelta = sm.delta;
+  T* sQ = reinterpret_cast<T*>(smem);  // [64, D]
+  T* sdO = sQ + 64 * D;                // [64, D]
+  T* sK = sdO + 64 * D;                // [2][64, D]
+  T* sV = sK + 2 * 64 * D;             // [2][64, D]
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int G = p.Hq / p.Hkv;
   const int b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hkv = h / G;
   const int m0 = blockIdx.y * 64, nrows = min(64, p.Nq - m0);
   const int64_t qrow = (int64_t(b) * p.Hq + h) * p.Nq + m0;
-  load_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
-  load_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
-  load_row_stats(sLse, sDelta, p, qrow, nrows);
-  AccFrag acc[D / 16];
-#pragma unroll
-  for (int db = 0; db < D / 16; ++db) wmma::fill_fragment(acc[db], 0.f);
-  const int lr = lane >> 1, half_ = lane & 1, wr = warp * 16 + lr, ri = m0 + wr;
+  async_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
+  async_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
 
-  auto tile = [&](const T* ksrc, const T* vsrc, int n, bool own, int n0, const uint8_t* kpm_row) {
-    __syncthreads();
-    load_rows<T, D>(sK, ksrc, n);
-    load_rows<T, D>(sV, vsrc, n);
-    __syncthreads();
-    score_pair<T, D>(sQ + warp * 16 * D, sK, sS + warp * 16 * 64, sdO + warp * 16 * D, sV, sdP + warp * 16 * 64);
-    __syncwarp();
-    for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {
-      const bool ok = wr < nrows && c < n && (!own || own_visible(ri, n0 + c, p.Nq, p.Nk, p.causal, p.window, kpm_row));
-      const float pr = ok ? exp2f(sS[wr * 64 + c] * p.scale_log2 - sLse[wr]) : 0.f;
-      sdS[wr * 64 + c] = from_float<T>(pr * (sdP[wr * 64 + c] - sDelta[wr]));
-    }
-    __syncwarp();
-#pragma unroll
-    for (int db = 0; db < D / 16; ++db)
-      mma_rows<T, 4, wmma::row_major>(acc[db], sdS + warp * 16 * 64, 64, sK + db * 16, D, 16 * D);
+  // Key tiles: the prefix [0, P), then the own keys [lo, hi) this block's rows can see.
+  const int diag = p.Nk - p.Nq;
+  int lo = 0, hi = p.Nk;
+  if (p.causal) {
+    hi = min(hi, m0 + nrows - 1 + diag + 1);
+    if (p.window > 0) lo = max(lo, m0 + diag - p.window + 1);
+  }
+  const int n_pre = (p.P + 63) / 64, n_own = hi > lo ? (hi - lo + 63) / 64 : 0, n_tiles = n_pre + n_own;
+  const int64_t own_base = (int64_t(b) * p.Hkv + hkv) * p.Nk * D, prefix_base = int64_t(hkv) * p.P * D;
+  const uint8_t* kpm_row = p.kpm ? p.kpm + int64_t(b) * p.Nk : nullptr;
+  auto tile_range = [&](int tile, int& n0, int& n) {
+    const bool own = tile >= n_pre;
+    n0 = own ? lo + (tile - n_pre) * 64 : tile * 64;
+    n = min(64, (own ? hi : p.P) - n0);
+    return own;
   };
+  auto issue = [&](int tile, int buf) {
+    int n0, n;
+    const bool own = tile_range(tile, n0, n);
+    const int64_t base = (own ? own_base : prefix_base) + int64_t(n0) * D;
+    async_rows<T, D>(sK + buf * 64 * D, static_cast<const T*>(own ? p.k : p.pk) + base, n);
+    async_rows<T, D>(sV + buf * 64 * D, static_cast<const T*>(own ? p.v : p.pv) + base, n);
+  };
+  if (n_tiles > 0) issue(0, 0);
+  cp_async_commit();
 
-  if (p.P > 0) {
-    const T* pk = static_cast<const T*>(p.pk) + int64_t(hkv) * p.P * D;
-    const T* pv = static_cast<const T*>(p.pv) + int64_t(hkv) * p.P * D;
-    for (int n0 = 0; n0 < p.P; n0 += 64) tile(pk + n0 * D, pv + n0 * D, min(64, p.P - n0), false, 0, nullptr);
-  }
-  {
-    const int64_t base = (int64_t(b) * p.Hkv + hkv) * p.Nk * D;
-    const uint8_t* kpm_row = p.kpm ? p.kpm + int64_t(b) * p.Nk : nullptr;
-    int lo = 0, hi = p.Nk;
-    if (p.causal) {
-      hi = min(hi, m0 + nrows - 1 + p.Nk - p.Nq + 1);
-      if (p.window > 0) lo = max(lo, m0 + p.Nk - p.Nq - p.window + 1);
-    }
-    for (int n0 = lo; n0 < hi; n0 += 64)
-      tile(static_cast<const T*>(p.k) + base + int64_t(n0) * D, static_cast<const T*>(p.v) + base + int64_t(n0) * D,
-           min(64, hi - n0), true, n0, kpm_row);
-  }
-
-  __syncthreads();  // the score tiles become the fp32 staging tile for dq
-  float* stage = sS;
+  float lse2[2], delta[2];
+  int qi[2];
 #pragma unroll
-  for (int db = 0; db < D / 16; ++db) {
-    for (int t = 0; t < acc[db].num_elements; ++t) acc[db].x[t] *= p.scale;
-    wmma::store_matrix_sync(stage + warp * 16 * D + db * 16, acc[db], D, wmma::mem_row_major);
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + g + 8 * rr;
+    lse2[rr] = r < nrows ? lse2_of(p.lse[qrow + r]) : INFINITY;
+    delta[rr] = r < nrows ? p.delta[qrow + r] : 0.f;
+    qi[rr] = m0 + r;
   }
-  __syncwarp();
-  if (wr < nrows) {
-    T* dq = static_cast<T*>(p.dq) + (qrow + wr) * D;
-    for (int c = half_ * (D / 2); c < (half_ + 1) * (D / 2); ++c) dq[c] = from_float<T>(stage[wr * D + c]);
+  float dq[D / 8][4];
+  zero<D>(dq);
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int buf = tile & 1;
+    if (tile + 1 < n_tiles) issue(tile + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* kt = sK + buf * 64 * D;
+    float s[8][4], dp[8][4];
+    warp_scores<T, D>(dp, sdO, sV + buf * 64 * D);  // dP = dO V^T
+    warp_scores<T, D>(s, sQ, kt);                    // S = Q K^T
+    int n0, n;
+    const bool own = tile_range(tile, n0, n);
+    bool masked = n < 64;
+    if (own) {
+      masked = masked || kpm_row != nullptr;
+      if (p.causal) masked = masked || n0 + 63 > m0 + diag || (p.window > 0 && n0 <= m0 + nrows - 1 + diag - p.window);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float pr = exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]);
+        if (masked) {
+          const int c = j * 8 + 2 * t + (e & 1);
+          const bool ok = c < n && (!own || own_visible(qi[e >> 1], n0 + c, p.Nq, p.Nk, p.causal, p.window, kpm_row));
+          pr = ok ? pr : 0.f;
+        }
+        s[j][e] = pr * (dp[j][e] - delta[e >> 1]);  // dS
+      }
+    warp_accumulate<T, D>(dq, s, kt);  // dQ += dS K
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + g + 8 * rr;
+    T* out = static_cast<T*>(p.dq) + (qrow + r) * D;
+    if (r < nrows) {
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj)
+        store2(out + dj * 8 + 2 * t, dq[dj][2 * rr] * p.scale, dq[dj][2 * rr + 1] * p.scale);
+    }
   }
 #else
   __trap();
@@ -149,98 +209,150 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 // ---------------------------------------------------------------- dk, dv (own keys and prefix)
 // Own keys: grid (B * Hkv, key tiles), one sequence per block, writes dk / dv.
 // Prefix:   grid (splits * Hkv, prefix tiles), sequences split, split + splits, ...,
-//           writes fp32 partials. Warp w owns keys 16w..16w+15 of the 64-key tile.
+//           writes fp32 partials. Warp w owns keys 16w..16w+15 of the 64-key tile and
+//           computes everything transposed (keys as rows): S^T = K Q^T, dP^T = V dO^T, then
+//           dV += P^T dO and dK += dS^T Q take P^T and dS^T straight from registers.
 template <typename T, int D, bool kPrefix>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   RC_DYNAMIC_SMEM(smem);
-  const BwdTiles<T, D> sm(smem);
-  T *sK = sm.t0, *sV = sm.t1, *sQ = sm.t2, *sdO = sm.t3, *sPt = sm.h0, *sdSt = sm.h1;  // [64 keys, 64 rows]
-  float *sSt = sm.f0, *sdPt = sm.f1, *sLse = sm.lse, *sDelta = sm.delta;
+  T* sK = reinterpret_cast<T*>(smem);  // [64, D]
+  T* sV = sK + 64 * D;                 // [64, D]
+  T* sQ = sV + 64 * D;                 // [2][64, D]
+  T* sdO = sQ + 2 * 64 * D;            // [2][64, D]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * 64 * D);  // [2][64], log2 domain
+  float* sDelta = sLse + 2 * 64;                             // [2][64]
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int G = p.Hq / p.Hkv;
   const int outer = blockIdx.x / p.Hkv, hkv = blockIdx.x % p.Hkv;  // outer: batch (own) or split (prefix)
   const int n0 = blockIdx.y * 64;
-  const int nkeys = kPrefix ? p.P : p.Nk;
-  const int n = min(64, nkeys - n0);
+  const int n = min(64, (kPrefix ? p.P : p.Nk) - n0);
   const int64_t kbase = kPrefix ? (int64_t(hkv) * p.P + n0) * D : ((int64_t(outer) * p.Hkv + hkv) * p.Nk + n0) * D;
-  load_rows<T, D>(sK, static_cast<const T*>(kPrefix ? p.pk : p.k) + kbase, n);
-  load_rows<T, D>(sV, static_cast<const T*>(kPrefix ? p.pv : p.v) + kbase, n);
-
-  AccFrag dk[D / 16], dv[D / 16];
-#pragma unroll
-  for (int db = 0; db < D / 16; ++db) {
-    wmma::fill_fragment(dk[db], 0.f);
-    wmma::fill_fragment(dv[db], 0.f);
-  }
-  const int lr = lane >> 1, half_ = lane & 1, wk = warp * 16 + lr, j = n0 + wk;  // this lane's key
+  async_rows<T, D>(sK, static_cast<const T*>(kPrefix ? p.pk : p.k) + kbase, n);
+  async_rows<T, D>(sV, static_cast<const T*>(kPrefix ? p.pv : p.v) + kbase, n);
 
   // Query tiles that can see this key tile (own keys under the causal / window rule).
+  const int diag = p.Nk - p.Nq;
   int m_lo = 0, m_hi = p.Nq;
   if (!kPrefix && p.causal) {
-    m_lo = max(0, n0 - (p.Nk - p.Nq));
-    if (p.window > 0) m_hi = min(m_hi, n0 + n - 1 - (p.Nk - p.Nq) + p.window);
+    m_lo = max(0, n0 - diag);
+    if (p.window > 0) m_hi = min(m_hi, n0 + n - 1 - diag + p.window);
   }
   m_lo = (m_lo / 64) * 64;
-
+  const int m_tiles = m_hi > m_lo ? (m_hi - m_lo + 63) / 64 : 0;
+  // Work items: (sequence, query head of the group, query tile), sequence-major.
   const int b_step = kPrefix ? p.splits : p.B;  // own keys: the one sequence `outer`
-  for (int b = outer; b < p.B; b += b_step) {
-    const uint8_t* kpm_row = (!kPrefix && p.kpm) ? p.kpm + int64_t(b) * p.Nk : nullptr;
-    for (int g = 0; g < G; ++g) {
-      const int h = hkv * G + g;
-      for (int m0 = m_lo; m0 < m_hi; m0 += 64) {
-        const int nrows = min(64, p.Nq - m0);
-        const int64_t qrow = (int64_t(b) * p.Hq + h) * p.Nq + m0;
-        __syncthreads();
-        load_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
-        load_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
-        load_row_stats(sLse, sDelta, p, qrow, nrows);
-        __syncthreads();
-        // S^T = K Q^T and dP^T = V dO^T for this warp's keys
-        score_pair<T, D>(sK + warp * 16 * D, sQ, sSt + warp * 16 * 64, sV + warp * 16 * D, sdO, sdPt + warp * 16 * 64);
-        __syncwarp();
-        for (int c = half_ * 32; c < half_ * 32 + 32; ++c) {  // c: query row m0 + c
-          const bool ok =
-              wk < n && c < nrows && (kPrefix || own_visible(m0 + c, j, p.Nq, p.Nk, p.causal, p.window, kpm_row));
-          const float pr = ok ? exp2f(sSt[wk * 64 + c] * p.scale_log2 - sLse[c]) : 0.f;
-          sPt[wk * 64 + c] = from_float<T>(pr);
-          sdSt[wk * 64 + c] = from_float<T>(pr * (sdPt[wk * 64 + c] - sDelta[c]));
-        }
-        __syncwarp();
+  const int n_seq = outer < p.B ? (p.B - outer + b_step - 1) / b_step : 0;
+  const int n_work = n_seq * G * m_tiles;
+  auto locate = [&](int w, int& b, int& m0) {
+    b = outer + (w / (G * m_tiles)) * b_step;
+    m0 = m_lo + (w % m_tiles) * 64;
+    const int h = hkv * G + (w / m_tiles) % G;
+    return (int64_t(b) * p.Hq + h) * p.Nq + m0;  // the tile's first row of q / dout / lse
+  };
+  auto issue = [&](int w, int buf) {
+    int b, m0;
+    const int64_t qrow = locate(w, b, m0);
+    const int nrows = min(64, p.Nq - m0);
+    async_rows<T, D>(sQ + buf * 64 * D, static_cast<const T*>(p.q) + qrow * D, nrows);
+    async_rows<T, D>(sdO + buf * 64 * D, static_cast<const T*>(p.dout) + qrow * D, nrows);
+    // lse / delta rows are not 16-byte aligned in general: plain loads (the buffer is free:
+    // the barrier that ended the previous use of it has passed).
+    for (int r = threadIdx.x; r < 64; r += kThreads) {
+      sLse[buf * 64 + r] = r < nrows ? lse2_of(p.lse[qrow + r]) : INFINITY;
+      sDelta[buf * 64 + r] = r < nrows ? p.delta[qrow + r] : 0.f;
+    }
+  };
+  if (n_work > 0) issue(0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+  zero<D>(dk);
+  zero<D>(dv);
+  int kj[2];  // this lane's two keys
 #pragma unroll
-        for (int db = 0; db < D / 16; ++db) {
-          mma_rows<T, 4, wmma::row_major>(dv[db], sPt + warp * 16 * 64, 64, sdO + db * 16, D, 16 * D);
-          mma_rows<T, 4, wmma::row_major>(dk[db], sdSt + warp * 16 * 64, 64, sQ + db * 16, D, 16 * D);
+  for (int rr = 0; rr < 2; ++rr) kj[rr] = n0 + warp * 16 + g + 8 * rr;
+
+  for (int w = 0; w < n_work; ++w) {
+    const int buf = w & 1;
+    if (w + 1 < n_work) issue(w + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* qt = sQ + buf * 64 * D;
+    const T* dot = sdO + buf * 64 * D;
+    const float* lse_t = sLse + buf * 64;
+    const float* delta_t = sDelta + buf * 64;
+    int b, m0;
+    locate(w, b, m0);
+    const int nrows = min(64, p.Nq - m0);
+    const uint8_t* kpm_row = (!kPrefix && p.kpm) ? p.kpm + int64_t(b) * p.Nk : nullptr;
+
+    // Rows past nrows have q = dO = 0 and lse = +inf: they add nothing. Masks are for the
+    // causal / window / padding rule, on tiles where it cuts.
+    bool masked = false;
+    if (!kPrefix) {
+      masked = kpm_row != nullptr;
+      if (p.causal) masked = masked || n0 + n - 1 > m0 + diag || (p.window > 0 && n0 <= m0 + nrows - 1 + diag - p.window);
+    }
+    // P^T, rounded to T once: it is both dV's A operand and dS^T's factor. Keeping it packed
+    // (16 registers, not 32) is what lets dK and dV (2 x D/2 fp32 each) stay in registers.
+    uint32_t pt[8][2];
+    {
+      float st[8][4];
+      warp_scores<T, D>(st, sK, qt);  // S^T = K Q^T
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = j * 8 + 2 * t + (e & 1);  // query row m0 + c
+          float pr = exp2f(st[j][e] * p.scale_log2 - lse_t[c]);
+          if (masked) pr = own_visible(m0 + c, kj[e >> 1], p.Nq, p.Nk, p.causal, p.window, kpm_row) ? pr : 0.f;
+          st[j][e] = pr;
         }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        pt[j][0] = pack2<T>(st[j][0], st[j][1]);
+        pt[j][1] = pack2<T>(st[j][2], st[j][3]);
+      }
+    }
+    warp_accumulate_packed<T, D>(dv, pt, dot);  // dV += P^T dO
+    float dst[8][4];
+    warp_scores<T, D>(dst, sV, dot);  // dP^T = V dO^T
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = j * 8 + 2 * t + (e & 1);
+        dst[j][e] = unpack<T>(pt[j][e >> 1], e & 1) * (dst[j][e] - delta_t[c]);  // dS^T
+      }
+    warp_accumulate<T, D>(dk, dst, qt);  // dK += dS^T Q
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int j = kj[rr];
+    if (j >= n0 + n) {
+    } else if (kPrefix) {
+      float* pk = p.dpk_part + ((int64_t(outer) * p.Hkv + hkv) * p.P + j) * D;
+      float* pv = p.dpv_part + ((int64_t(outer) * p.Hkv + hkv) * p.P + j) * D;
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj) {
+        store2(pk + dj * 8 + 2 * t, dk[dj][2 * rr] * p.scale, dk[dj][2 * rr + 1] * p.scale);
+        store2(pv + dj * 8 + 2 * t, dv[dj][2 * rr], dv[dj][2 * rr + 1]);
+      }
+    } else {
+      const int64_t row = ((int64_t(outer) * p.Hkv + hkv) * p.Nk + j) * D;
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj) {
+        store2(static_cast<T*>(p.dk) + row + dj * 8 + 2 * t, dk[dj][2 * rr] * p.scale, dk[dj][2 * rr + 1] * p.scale);
+        store2(static_cast<T*>(p.dv) + row + dj * 8 + 2 * t, dv[dj][2 * rr], dv[dj][2 * rr + 1]);
       }
     }
   }
-
-  __syncthreads();  // the score tiles become the fp32 staging tile
-  float* stage = sSt;
-  // Unrolled over both accumulators by name: a runtime pointer to either array would push
-  // them to local memory.
-  auto write = [&](AccFrag(&acc)[D / 16], float mul, float* part, void* grad) {
-#pragma unroll
-    for (int db = 0; db < D / 16; ++db) {
-      for (int t = 0; t < acc[db].num_elements; ++t) acc[db].x[t] *= mul;
-      wmma::store_matrix_sync(stage + warp * 16 * D + db * 16, acc[db], D, wmma::mem_row_major);
-    }
-    __syncwarp();
-    if (wk < n) {
-      for (int c = half_ * (D / 2); c < (half_ + 1) * (D / 2); ++c) {
-        const float x = stage[wk * D + c];
-        if (kPrefix)
-          part[((int64_t(outer) * p.Hkv + hkv) * p.P + j) * D + c] = x;
-        else
-          static_cast<T*>(grad)[((int64_t(outer) * p.Hkv + hkv) * p.Nk + j) * D + c] = from_float<T>(x);
-      }
-    }
-    __syncwarp();
-  };
-  write(dk, p.scale, p.dpk_part, p.dk);
-  write(dv, 1.f, p.dpv_part, p.dv);
 #else
   __trap();
 #endif

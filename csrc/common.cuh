@@ -1,5 +1,5 @@
 // Shared pieces of the prefix-attention CUDA kernels: parameter structs, element
-// conversions, tile loads and the masking rule.
+// conversions, the output store and the masking rule.
 //
 // Layout conventions (every tensor contiguous: the bindings require it, backends.py makes it so):
 //   q, out, dout, dq  [B, Hq, Nq, D]      k, v, dk, dv  [B, Hkv, Nk, D]
@@ -17,7 +17,6 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #define RC_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #define RC_LAUNCH(kernel, grid, threads, smem, p)                                                           \
   do {                                                                                                      \
@@ -50,35 +49,11 @@ template <> __device__ __forceinline__ half from_float<half>(float x) { return _
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 
-// Copy `rows` rows of D elements (row stride `ld` elements in global memory) into a
-// dense [kRows, D] shared tile; rows >= `rows` are zero. 16-byte vectors: D is a
-// multiple of 64 and the bindings require 16-byte aligned, contiguous tensors.
-template <typename T, int D, int kRows>
-__device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restrict__ src, int rows, int64_t ld) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kPerRow = D / kVec;
-  for (int idx = threadIdx.x; idx < kRows * kPerRow; idx += blockDim.x) {
-    const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (r < rows) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
-    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
-  }
-}
-
-using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-
-// acc (16 x 16 fp32) += A (16 x 16*KT, row-major in shared memory, ld lda) x B (16*KT x 16,
-// layout BLayout, ld ldb; the k-th 16-slice of B starts b_step elements after the previous).
-template <typename T, int KT, typename BLayout>
-__device__ __forceinline__ void mma_rows(AccFrag& acc, const T* a, int lda, const T* b, int ldb, int b_step) {
-#pragma unroll
-  for (int kk = 0; kk < KT; ++kk) {
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> fa;
-    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
-    nvcuda::wmma::load_matrix_sync(fa, a + kk * 16, lda);
-    nvcuda::wmma::load_matrix_sync(fb, b + kk * b_step, ldb);
-    nvcuda::wmma::mma_sync(acc, fa, fb, acc);
-  }
+// Two adjacent output elements (columns c, c + 1 of one row), rounded to OutT.
+template <typename OutT>
+__device__ __forceinline__ void store2(OutT* dst, float a, float b) {
+  dst[0] = from_float<OutT>(a);
+  dst[1] = from_float<OutT>(b);
 }
 
 // The op's visibility rule for own keys (reference.causal_visibility): query i sees key j

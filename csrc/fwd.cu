@@ -37,13 +37,6 @@ __device__ __forceinline__ void async_tile(T* __restrict__ dst, const T* __restr
   }
 }
 
-// Two adjacent output elements (columns c, c + 1 of one row), rounded to OutT.
-template <typename OutT>
-__device__ __forceinline__ void store2(OutT* dst, float a, float b) {
-  dst[0] = from_float<OutT>(a);
-  dst[1] = from_float<OutT>(b);
-}
-
 // Merge p.n_parts normalised partials of rows [row0, row0 + nrows) of problem
 // (b_base, h_base) by their log-sum-exp, in partial order, into p.final_out / final_lse.
 // sW: a [kBlockM, kMaxParts] fp32 scratch tile for the weights.
@@ -164,6 +157,7 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
   // This lane's two rows (g and g + 8 of its warp's 16) and their query positions.
   int rb[2] = {0, 0}, rh[2] = {0, 0}, ri[2] = {0, 0};
   bool row_ok[2];
+#pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int r = warp * 16 + g + rr * 8;
     row_ok[rr] = r < nrows;
@@ -279,13 +273,14 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
   for (int rr = 0; rr < 2; ++rr) {
     l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
     l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
-    if (!row_ok[rr]) continue;
-    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
-    const int64_t row = ((int64_t(split) * p.B + rb[rr]) * p.Hq + rh[rr]) * p.Nq + ri[rr];
-    OutT* out = static_cast<OutT*>(p.out) + row * D;
+    if (row_ok[rr]) {
+      const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+      const int64_t row = ((int64_t(split) * p.B + rb[rr]) * p.Hq + rh[rr]) * p.Nq + ri[rr];
+      OutT* out = static_cast<OutT*>(p.out) + row * D;
 #pragma unroll
-    for (int dj = 0; dj < D / 8; ++dj) store2(out + dj * 8 + 2 * t, o[dj][2 * rr] * inv, o[dj][2 * rr + 1] * inv);
-    if (t == 0) p.lse[row] = l[rr] > 0.f ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
+      for (int dj = 0; dj < D / 8; ++dj) store2(out + dj * 8 + 2 * t, o[dj][2 * rr] * inv, o[dj][2 * rr + 1] * inv);
+      if (t == 0) p.lse[row] = l[rr] > 0.f ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
+    }
   }
 
   if (p.tickets != nullptr) {

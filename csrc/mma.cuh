@@ -91,5 +91,13 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// Element `hi` (0: the low half) of a register packed by pack2, as float.
+template <typename T>
+__device__ __forceinline__ float unpack(uint32_t reg, int hi) {
+  const uint16_t bits = uint16_t(hi ? reg >> 16 : reg & 0xffffu);
+  if constexpr (std::is_same_v<T, half>) return __half2float(__ushort_as_half(bits));
+  else return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
 }  // namespace reasoncache
 #endif

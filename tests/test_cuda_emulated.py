@@ -3,10 +3,9 @@ through csrc/emu/cuda_emu.h and compared with the fp64 oracle: forward, lse, dec
 (Hydragen prefix pass, split own cache, log-sum-exp merge) and all five gradients.
 
 The emulator runs every CUDA thread of a block as a fiber that switches only at
-barriers. The forward's mma.sync, ldmatrix and cp.async run with the PTX ISA's per-lane
-fragment layouts and copy semantics, and their shared-memory addresses go through a bank
-model; the backward's WMMA runs as plain fp32-accumulated products of fp16/bf16 operands.
-It checks the kernels' indexing, masking, tiling, fragment layouts (forward), online
+barriers. mma.sync, ldmatrix and cp.async run with the PTX ISA's per-lane fragment
+layouts and copy semantics, and their shared-memory addresses go through a bank model.
+It checks the kernels' indexing, masking, tiling, fragment layouts, online
 softmax, barrier and cp.async wait placement, bank conflicts and the bindings' glue; it
 cannot check speed or register pressure. tests/test_gpu.py runs the same comparisons on
 a real GPU.
@@ -200,15 +199,18 @@ def test_the_bank_model_counts_what_a_gpu_serializes(emu):
 
 
 @pytest.mark.parametrize("D,dt", [(64, "fp16"), (128, "bf16")])
-def test_forward_shared_memory_accesses_are_conflict_free(emu, D, dt):
-    """Every ldmatrix (Q, K, and V transposed) and every cp.async of the forward, as the
-    emulator saw them lane by lane, needs one wavefront per 8-lane phase: the swizzle works."""
+def test_shared_memory_accesses_are_conflict_free(emu, D, dt):
+    """Every ldmatrix (plain and transposed) and every cp.async of the forward, decode and
+    backward, as the emulator saw them lane by lane, needs one wavefront per 8-lane phase:
+    the swizzle works for every tile the kernels touch."""
     case = Case(B=1, Hq=2, Hkv=1, Nq=70, Nk=70, P=17, D=D)
     tensors, _ = make_inputs(case, dtype=DTYPES[dt])
     q, k, v, pk, pv = [t.detach() for t in tensors]
+    scale = 1 / math.sqrt(D)
     emu.smem_stats(reset=True)
-    emu.fwd(q, k, v, pk, pv, None, True, 1 / math.sqrt(D), 0)
-    emu.decode(q[:, :, -2:].contiguous(), k, v, pk, pv, None, True, 1 / math.sqrt(D), 0, 2)
+    out, lse = emu.fwd(q, k, v, pk, pv, None, True, scale, 0)
+    emu.decode(q[:, :, -2:].contiguous(), k, v, pk, pv, None, True, scale, 0, 2)
+    emu.bwd(torch.randn_like(q), None, q, k, v, pk, pv, None, out, lse, True, scale, 0)
     stats = emu.smem_stats(reset=True)
     assert stats["ldmatrix_requests"] > 0 and stats["cp_async_requests"] > 0, stats
     assert stats["ldmatrix_extra_wavefronts"] == 0, stats

@@ -172,13 +172,14 @@ def test_launch_is_refused_where_shared_memory_does_not_fit():
     """The kernels' shared memory comes from the extension itself (the constants the launch
     uses); a card whose per-block opt-in limit is smaller gets a reason naming it."""
     C = _ext()
-    assert C.smem_bytes("fwd", True, 128) == 107264  # 104.75 KiB: sQ, sK, sV, sP, sS, sO and row stats
-    assert C.smem_bytes("bwd", False, 128) == 115200
+    # fwd: sQ + double-buffered sK, sV + 16 B (decode merge flag); bwd: 6 swizzled [64, D] tiles + lse/delta
+    assert C.smem_bytes("fwd", True, 128) == 2 * 64 * 128 * 5 + 16
+    assert C.smem_bytes("bwd", False, 128) == 2 * 64 * 128 * 6 + 4 * 4 * 64
     assert C.smem_bytes("fwd", True, 96) == 0  # no such kernel
     with pytest.raises(ValueError, match="kernel must be 'fwd' or 'bwd'"):
         C.smem_bytes("decode", True, 64)
-    why = backends.cuda_smem_reason("NVIDIA L4", 101376, torch.bfloat16, 128)
-    assert "NVIDIA L4 allows 99 KiB" in why and "fwd 104.75 KiB" in why and "bwd 112.50 KiB" in why
+    why = backends.cuda_smem_reason("a 64 KiB card", 65536, torch.bfloat16, 128)
+    assert "a 64 KiB card allows 64 KiB" in why and "fwd 80.02 KiB" in why and "bwd 97.00 KiB" in why
     assert "backend='triton'" in why
     assert backends.cuda_smem_reason("NVIDIA H100", 232448, torch.bfloat16, 128) is None
-    assert backends.cuda_smem_reason("NVIDIA L4", 101376, torch.float16, 64) is None  # 80.5 KiB fits
+    assert backends.cuda_smem_reason("NVIDIA L4", 101376, torch.bfloat16, 128) is None  # 97 KiB fits its 99

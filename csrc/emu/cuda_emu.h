@@ -6,14 +6,11 @@
 // __syncwarp are barriers that switch fibers, so the barrier structure of the kernels is
 // exercised as written (a missing barrier between a write and another thread's read shows
 // up as a wrong result, since fibers only switch at barriers).
-// - mma.sync, ldmatrix and cp.async (csrc/mma.cuh, the forward) are modelled exactly: each
+// - mma.sync, ldmatrix and cp.async (csrc/mma.cuh) are modelled exactly: each
 //   lane holds only its own registers in the PTX ISA's fragment layouts, collectives trade
 //   them through the warp, and cp.async copies land only at the cp.async.wait_group that
 //   guarantees them. Every ldmatrix and cp.async is also run through a shared-memory bank
 //   model (SmemStats), so tests can assert the swizzle is conflict-free.
-// - WMMA (the backward, still to be rewritten) holds the whole 16x16 tile in every lane; a
-//   store is done by lane 0 only, so results are visible to other lanes only after a
-//   barrier, as on the GPU; its fragment layouts are not modelled (the kernels use none).
 // What it does not check: timing, coalescing, register pressure, and races no barrier orders.
 #pragma once
 
@@ -43,10 +40,6 @@ struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct alignas(16) uint4 {
-  unsigned x, y, z, w;
-};
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 // IEEE fp16 and bf16 with the GPU's bit layouts (they alias torch's tensors).
 struct half {
@@ -297,60 +290,6 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
   return r;
 }
 
-namespace nvcuda::wmma {
-struct row_major {};
-struct col_major {};
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static constexpr int num_elements = 256;
-  float x[256];  // the whole tile, row-major, in every lane (a/b operands already rounded to T)
-};
-
-template <typename T>
-inline float to_f(T v) {
-  if constexpr (std::is_same_v<T, half>) return __half2float(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return float(v);
-}
-
-template <typename Use, typename T, typename L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ld) {
-  // matrix_a is M x K, matrix_b is K x N; element (r, c) of the tile
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = to_f(std::is_same_v<L, row_major> ? p[r * ld + c] : p[c * ld + r]);
-}
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ld, layout_t l) {
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = l == mem_row_major ? p[r * ld + c] : p[c * ld + r];
-}
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
-  if (rc_emu::lane() != 0) return;  // one writer; other lanes see it after a barrier
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) (l == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r * 16 + c];
-}
-template <typename Use, typename T, typename L>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, float v) {
-  for (auto& e : f.x) e = v;
-}
-template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  float out[256];
-  std::memcpy(out, c.x, sizeof(out));
-  for (int m = 0; m < 16; ++m)
-    for (int k = 0; k < 16; ++k) {
-      const float am = a.x[m * 16 + k];
-      for (int n = 0; n < 16; ++n) out[m * 16 + n] += am * b.x[k * 16 + n];
-    }
-  std::memcpy(d.x, out, sizeof(out));
-}
-}  // namespace nvcuda::wmma
 
 // ---------------------------------------------------------------- mma.cuh, emulated
 // The register-level primitives of csrc/mma.cuh with the PTX ISA's per-lane layouts: each
@@ -472,5 +411,9 @@ template <typename T>
 inline uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same_v<T, half>) return uint32_t(__float2half_rn(lo).bits) | uint32_t(__float2half_rn(hi).bits) << 16;
   else return uint32_t(__float2bfloat16_rn(lo).bits) | uint32_t(__float2bfloat16_rn(hi).bits) << 16;
+}
+template <typename T>
+inline float unpack(uint32_t reg, int hi) {
+  return rc_emu::elem<T>(reg, hi);
 }
 }  // namespace reasoncache
