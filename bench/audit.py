@@ -300,8 +300,12 @@ def cuda_rows() -> list[dict]:
         D = int(next(a for a in targs if a.isdigit()))
         smem = C.smem_bytes("fwd" if kernel == "attend_kernel" else "bwd", bf16, D)
         cfg = kernel.replace("_kernel", "") + ("<" + ",".join(targs[1:]) + ">" if len(targs) > 1 else "")
+        warps = int(targs[3]) if kernel == "attend_kernel" else 4  # decode's small problems get 1-warp tiles
+        tile = f"{16 * warps}-row tiles, {warps} warp{'s' if warps > 1 else ''}"
+        if warps == 1:  # smem_bytes reports the 64-row tile's; the 16-row tile's Q tile is a quarter
+            smem -= 48 * D * 2
         rows.append(
-            asdict(Row("cuda", cfg, arch, "bf16" if bf16 else "fp16", D, "64-row tiles, 4 warps", u["regs"],
+            asdict(Row("cuda", cfg, arch, "bf16" if bf16 else "fp16", D, tile, u["regs"],
                        u["spill_bytes"], smem, *sass_by.get((arch, f), ({}, 0))))
         )  # fmt: skip
     return rows

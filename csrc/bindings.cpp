@@ -206,10 +206,13 @@ std::vector<Tensor> decode(const Tensor& q, const Tensor& k, const Tensor& v, co
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({d.B, d.Hq, d.Nq}, f32);
   if (q.numel() == 0) return {out, lse};
-  const int64_t pre_rows = d.B * G * d.Nq, pre_tiles = (pre_rows + 63) / 64;
+  const int64_t pre_rows = d.B * G * d.Nq;
+  const int64_t pre_bm = rc::attend_row_tile(int(std::min<int64_t>(pre_rows, 64)));
+  const int64_t pre_tiles = (pre_rows + pre_bm - 1) / pre_bm;
   const int64_t pre_chunk = d.P > 0 ? chunk_for(d.P, d.Hkv * pre_tiles, 0) : 1;
   const int64_t pre_splits = d.P > 0 ? (d.P + pre_chunk - 1) / pre_chunk : 0;
-  const int64_t own_tiles = (G * d.Nq + 63) / 64;
+  const int64_t own_bm = rc::attend_row_tile(int(G * d.Nq));
+  const int64_t own_tiles = (G * d.Nq + own_bm - 1) / own_bm;
   const int64_t own_chunk = d.Nk > 0 ? chunk_for(d.Nk, d.B * d.Hkv * own_tiles, num_splits) : 1;
   // The own pass always runs (with Nk = 0, one empty split): its last split merges.
   const int64_t own_splits = d.Nk > 0 ? (d.Nk + own_chunk - 1) / own_chunk : 1;

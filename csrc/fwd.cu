@@ -16,21 +16,23 @@
 
 namespace reasoncache {
 
-template <typename T, int D>
+// kW warps per block, 16 query rows each: 4 (64-row tiles) in general, 1 when a problem has
+// at most 16 rows (decode's own-cache pass at G x Nq <= 16), so no warp computes only padding.
+template <typename T, int D, int kW = kWarps>
 struct AttendSmem {
   // the Q tile, two K and two V tiles (the double buffer), 16 bytes for the merge's flag
   static constexpr size_t kTile = sizeof(T) * kBlockN * D;
-  static constexpr size_t kBytes = sizeof(T) * kBlockM * D + 4 * kTile + 16;
-  // decode's merge reuses the K/V tiles for a [kBlockM, kMaxParts] fp32 weight table
-  static_assert(sizeof(float) * kBlockM * kMaxParts <= 4 * kTile, "merge weights must fit in the K/V tiles");
+  static constexpr size_t kBytes = sizeof(T) * 16 * kW * D + 4 * kTile + 16;
+  // decode's merge reuses the K/V tiles for a [16 kW, kMaxParts] fp32 weight table
+  static_assert(sizeof(float) * 16 * kW * kMaxParts <= 4 * kTile, "merge weights must fit in the K/V tiles");
 };
 
 // Issue the copies of rows [0, n) of a global [*, D] tile (row stride D) into a swizzled
 // [kRows, D] shared tile; rows n.. are zero-filled. Completes at cp_async_wait.
-template <typename T, int D, int kRows>
+template <typename T, int D, int kRows, int kNThreads>
 __device__ __forceinline__ void async_tile(T* __restrict__ dst, const T* __restrict__ src, int n) {
   constexpr int kChunks = D / 8;
-  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kNThreads) {
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
     const bool ok = r < n;
     cp_async_16(dst + swizzle<D>(r, c), ok ? src + int64_t(r) * D + c : src, ok);
@@ -39,11 +41,11 @@ __device__ __forceinline__ void async_tile(T* __restrict__ dst, const T* __restr
 
 // Merge p.n_parts normalised partials of rows [row0, row0 + nrows) of problem
 // (b_base, h_base) by their log-sum-exp, in partial order, into p.final_out / final_lse.
-// sW: a [kBlockM, kMaxParts] fp32 scratch tile for the weights.
-template <typename T>
+// sW: a [nrows, kMaxParts] fp32 scratch tile for the weights; kNThreads threads per block.
+template <typename T, int kNThreads>
 __device__ void merge_partials(const FwdParams& p, float* sW, int row0, int nrows, int b_base, int h_base, int D) {
   const int64_t part_rows = int64_t(p.B) * p.Hq * p.Nq;
-  for (int r = threadIdx.x; r < nrows; r += kThreads) {
+  for (int r = threadIdx.x; r < nrows; r += kNThreads) {
     int b, h, i;
     p.map.locate(row0 + r, b_base, h_base, b, h, i);
     const int64_t row = (int64_t(b) * p.Hq + h) * p.Nq + i;
@@ -59,7 +61,7 @@ __device__ void merge_partials(const FwdParams& p, float* sW, int row0, int nrow
     p.final_lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < nrows * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < nrows * D; idx += kNThreads) {
     const int r = idx / D, c = idx % D;
     int b, h, i;
     p.map.locate(row0 + r, b_base, h_base, b, h, i);
@@ -70,13 +72,14 @@ __device__ void merge_partials(const FwdParams& p, float* sW, int row0, int nrow
   }
 }
 
-template <typename T, typename OutT, int D>
-__global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
+template <typename T, typename OutT, int D, int kW>
+__global__ void __launch_bounds__(kW * 32) attend_kernel(const FwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  static_assert(kBlockM == 64 && kBlockN == 64 && kWarps == 4, "the fragment loops assume 4 warps of 16 rows, 64 keys");
+  static_assert(kBlockN == 64, "the fragment loops assume 64-key tiles");
+  constexpr int kBM = 16 * kW, kNT = 32 * kW;  // query rows and threads per block
   RC_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // [BM, D], swizzled
-  T* sK = sQ + kBlockM * D;            // [2][BN, D], swizzled
+  T* sK = sQ + kBM * D;                // [2][BN, D], swizzled
   T* sV = sK + 2 * kBlockN * D;        // [2][BN, D], swizzled
   int* sFlag = reinterpret_cast<int*>(sV + 2 * kBlockN * D);
 
@@ -91,15 +94,15 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
   } else {
     b_base = pz / p.Hkv; hkv = pz % p.Hkv; h_base = hkv * G;
   }
-  const int row0 = blockIdx.y * kBlockM;
+  const int row0 = blockIdx.y * kBM;
   if (row0 >= p.rows) return;
-  const int nrows = min(kBlockM, p.rows - row0);
+  const int nrows = min(kBM, p.rows - row0);
 
   // Q tile: rows may come from several (b, h) (decode), so each row has its own address.
   {
     constexpr int kChunks = D / 8;
     const T* q = static_cast<const T*>(p.q);
-    for (int idx = threadIdx.x; idx < kBlockM * kChunks; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < kBM * kChunks; idx += kNT) {
       const int r = idx / kChunks, c = (idx % kChunks) * 8;
       const T* src = q;
       if (r < nrows) {
@@ -148,8 +151,8 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
     const bool own = tile_range(tile, n0, n);
     const T* ks = static_cast<const T*>(own ? p.k : p.pk) + (own ? own_base : prefix_base) + int64_t(n0) * D;
     const T* vs = static_cast<const T*>(own ? p.v : p.pv) + (own ? own_base : prefix_base) + int64_t(n0) * D;
-    async_tile<T, D, kBlockN>(sK + buf * kBlockN * D, ks, n);
-    async_tile<T, D, kBlockN>(sV + buf * kBlockN * D, vs, n);
+    async_tile<T, D, kBlockN, kNT>(sK + buf * kBlockN * D, ks, n);
+    async_tile<T, D, kBlockN, kNT>(sV + buf * kBlockN * D, vs, n);
   };
   if (n_tiles > 0) issue(0, 0);
   cp_async_commit();  // group 0: Q and the first K/V tile
@@ -294,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
     __syncthreads();
     if (*sFlag) {
       __threadfence();
-      merge_partials<T>(p, reinterpret_cast<float*>(sK), row0, nrows, b_base, h_base, D);
+      merge_partials<T, kNT>(p, reinterpret_cast<float*>(sK), row0, nrows, b_base, h_base, D);
       if (threadIdx.x == 0) atomicExch(ticket, 0);  // ready for the next launch
     }
   }
@@ -304,19 +307,24 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const FwdParams p) {
 }
 
 template <typename T, typename OutT, int D>
-static void launch(const FwdParams& p, dim3 grid) {
-  constexpr size_t smem = AttendSmem<T, D>::kBytes;
-  auto kernel = attend_kernel<T, OutT, D>;
-  RC_LAUNCH(kernel, grid, kThreads, smem, p);
+static void launch(const FwdParams& p, int problems, int splits) {
+  const int bm = attend_row_tile(p.rows);
+  const dim3 grid(problems * splits, (p.rows + bm - 1) / bm);
+  TORCH_CHECK(grid.y <= 65535, "reasoncache: too many query rows per problem (", p.rows, ")");
+  if (bm == 16) {
+    auto kernel = attend_kernel<T, OutT, D, 1>;
+    RC_LAUNCH(kernel, grid, 32, (AttendSmem<T, D, 1>::kBytes), p);
+  } else {
+    auto kernel = attend_kernel<T, OutT, D, kWarps>;
+    RC_LAUNCH(kernel, grid, kThreads, (AttendSmem<T, D, kWarps>::kBytes), p);
+  }
 }
 
 // dtype: 0 fp16, 1 bf16. out_fp32: partial outputs for decode's log-sum-exp merge.
 void launch_attend(const FwdParams& p, int dtype, bool out_fp32, int D, int problems, int splits) {
-  const dim3 grid(problems * splits, (p.rows + kBlockM - 1) / kBlockM);
-  TORCH_CHECK(grid.y <= 65535, "reasoncache: too many query rows per problem (", p.rows, ")");
-#define RC_DISPATCH(T, HD)                       \
-  if (out_fp32) launch<T, float, HD>(p, grid);   \
-  else launch<T, T, HD>(p, grid);
+#define RC_DISPATCH(T, HD)                                    \
+  if (out_fp32) launch<T, float, HD>(p, problems, splits);   \
+  else launch<T, T, HD>(p, problems, splits);
   if (dtype == 0 && D == 64) { RC_DISPATCH(half, 64) }
   else if (dtype == 0 && D == 128) { RC_DISPATCH(half, 128) }
   else if (dtype == 1 && D == 64) { RC_DISPATCH(__nv_bfloat16, 64) }
@@ -325,7 +333,8 @@ void launch_attend(const FwdParams& p, int dtype, bool out_fp32, int D, int prob
 #undef RC_DISPATCH
 }
 
-// Dynamic shared memory one forward/decode block needs (0 for an unsupported combination).
+// Dynamic shared memory one forward/decode block needs (its 64-row tile, the larger; 0 for
+// an unsupported combination).
 size_t attend_smem_bytes(int dtype, int D) {
   if (dtype == 0 && D == 64) return AttendSmem<half, 64>::kBytes;
   if (dtype == 0 && D == 128) return AttendSmem<half, 128>::kBytes;

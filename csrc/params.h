@@ -57,6 +57,10 @@ struct FwdParams {
 // The in-kernel merge keeps one weight per (row, partial) in a 64 x 64 shared tile.
 constexpr int kMaxParts = 64;
 
+// Query rows per block of the forward/decode kernel for a problem of `rows` rows: one warp
+// (16 rows) when that covers it, else four (64 rows).
+constexpr int attend_row_tile(int rows) { return rows <= 16 ? 16 : 64; }
+
 struct BwdParams {
   const void *q, *k, *v, *pk, *pv, *dout;
   const uint8_t* kpm;

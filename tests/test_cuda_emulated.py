@@ -3,7 +3,7 @@ through csrc/emu/cuda_emu.h and compared with the fp64 oracle: forward, lse, dec
 (Hydragen prefix pass, split own cache, log-sum-exp merge) and all five gradients.
 
 The emulator runs every CUDA thread of a block as a fiber that switches only at
-barriers. mma.sync, ldmatrix and cp.async run with the PTX ISA's per-lane fragment
+barriers (decode's one-warp tiles included). mma.sync, ldmatrix and cp.async run with the PTX ISA's per-lane fragment
 layouts and copy semantics, and their shared-memory addresses go through a bank model.
 It checks the kernels' indexing, masking, tiling, fragment layouts, online
 softmax, barrier and cp.async wait placement, bank conflicts and the bindings' glue; it
@@ -95,6 +95,8 @@ DECODE = [
     (Case(B=2, Hq=2, Hkv=1, Nq=16, Nk=16, P=0, D=64, window=6), 0),
     (Case(B=2, Hq=4, Hkv=2, Nq=1, Nk=0, P=70, D=64, causal=False), 0),  # no own keys: one empty own split merges
     (Case(B=1, Hq=2, Hkv=1, Nq=2, Nk=400, P=20, D=64), 5),  # 5 own splits (64-key chunks) + 1 prefix part
+    # G x Nq = 16: one-warp (16-row) tiles in the own pass, 64-row tiles in the prefix pass (B x 16 rows)
+    (Case(B=2, Hq=8, Hkv=2, Nq=4, Nk=100, P=70, D=128), 2),
 ]
 
 
