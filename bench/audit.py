@@ -297,8 +297,8 @@ def cuda_rows() -> list[dict]:
             continue
         kernel, targs = m.group(1), [a.strip() for a in m.group(2).split(",")]
         bf16 = targs[0] == "__nv_bfloat16"
-        D = int(next(a for a in targs if a.isdigit()))
-        smem = C.smem_bytes("fwd" if kernel == "attend_kernel" else "bwd", bf16, D)
+        D = int(next((a for a in targs if a.isdigit()), 0))  # 0: an elementwise kernel (dq_finish)
+        smem = C.smem_bytes("fwd" if kernel == "attend_kernel" else "bwd", bf16, D) if D else 0
         cfg = kernel.replace("_kernel", "") + ("<" + ",".join(targs[1:]) + ">" if len(targs) > 1 else "")
         warps = int(targs[3]) if kernel == "attend_kernel" else 4  # decode's small problems get 1-warp tiles
         tile = f"{16 * warps}-row tiles, {warps} warp{'s' if warps > 1 else ''}"

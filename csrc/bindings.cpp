@@ -293,6 +293,9 @@ std::vector<Tensor> bwd(const Tensor& dout, const std::optional<Tensor>& dlse, c
   p.lse = lse.data_ptr<float>(), p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.dpk_part = dpk_part.data_ptr<float>(), p.dpv_part = dpv_part.data_ptr<float>();
+  auto dq_accum = at::empty(q.sizes(), f32);
+  auto dq_order = at::empty({d.B, d.Hq, (d.Nq + 63) / 64}, q.options().dtype(at::kInt));
+  p.dq_accum = dq_accum.data_ptr<float>(), p.dq_order = dq_order.data_ptr<int>();
   p.B = d.B, p.Hq = d.Hq, p.Hkv = d.Hkv, p.Nq = d.Nq, p.Nk = d.Nk, p.P = d.P, p.splits = int(splits);
   p.causal = causal;
   p.window = causal ? int(sliding_window) : 0;

@@ -1,11 +1,18 @@
-// Backward: dq, then dk/dv of the own keys, then the batch-summed prefix gradient.
+// Backward: the prefix's share of dq, then dk/dv (and the rest of dq) of the own keys,
+// then the batch-summed prefix gradient.
 //
 // FlashAttention-2's recomputation from the forward's lse, on mma.sync + ldmatrix with
 // every score, probability and accumulator in registers (layouts in mma.cuh), swizzled
-// shared memory and cp.async double buffers for the tiles that stream. Without atomics:
-// every output element is written by exactly one block in a fixed order, so the backward is
-// bitwise deterministic. dq takes its own pass (3 products per tile pair, against 4 for
-// dk/dv): 7 in all, where FA2's atomic dq needs 5.
+// shared memory and cp.async double buffers for the tiles that stream.
+//
+// FA2's structure for the own keys: one block per key tile walks the query tiles that see
+// it and runs 5 products per tile pair (S^T, dP^T, dV, dK, and dQ += dS K), where a
+// separate dq pass would recompute S and dP (7). FA2 adds dq with float atomics, whose
+// order varies run to run; here each key tile adds its share of a dq row tile in key-tile
+// order, waiting for a per-row-tile flag the previous key tile sets (FA2/FA3's
+// "deterministic" mode), so the backward stays bitwise deterministic. The prefix's share
+// of dq (dq_kernel) is written first and initialises the flags; dq_finish_kernel scales
+// and rounds at the end.
 // The prefix gradient is summed over the batch inside the kernel: block (key tile, KV head,
 // split s) walks sequences s, s + splits, ... and writes one fp32 partial
 // [splits, Hkv, P, D]; the bindings add the partials in a fixed order.
@@ -27,6 +34,9 @@ struct BwdSmem {
 template <typename T, int D>
 __device__ __forceinline__ void async_rows(T* __restrict__ dst, const T* __restrict__ src, int n) {
   constexpr int kChunks = D / 8;
+  // Not unrolled: the copies are asynchronous anyway, and unrolled, their 64-bit addresses
+  // all live at once, next to dK and dV (pushing dk/dv bf16 D=128 on sm_90 to spill).
+#pragma unroll 1
   for (int idx = threadIdx.x; idx < 64 * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
     const bool ok = r < n;
@@ -99,9 +109,10 @@ __device__ __forceinline__ void zero(float (&acc)[D / 8][4]) {
 // lse in the log2 domain, +inf for a row that sees nothing (so its p is 0).
 __device__ __forceinline__ float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-// ---------------------------------------------------------------- dq
+// ---------------------------------------------------------------- dq (the prefix's share)
 // grid (B * Hq, q tiles). Warp w owns query rows 16w..16w+15 and accumulates their dq over
-// the prefix's key tiles, then its own (double-buffered).
+// the prefix's key tiles (double-buffered), writes it unscaled to dq_accum, and sets the row
+// tile's order flag to -1: no own-key tile has added yet.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -116,43 +127,26 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
   const int b = blockIdx.x / p.Hq, h = blockIdx.x % p.Hq, hkv = h / G;
   const int m0 = blockIdx.y * 64, nrows = min(64, p.Nq - m0);
   const int64_t qrow = (int64_t(b) * p.Hq + h) * p.Nq + m0;
-  async_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
-  async_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
-
-  // Key tiles: the prefix [0, P), then the own keys [lo, hi) this block's rows can see.
-  const int diag = p.Nk - p.Nq;
-  int lo = 0, hi = p.Nk;
-  if (p.causal) {
-    hi = min(hi, m0 + nrows - 1 + diag + 1);
-    if (p.window > 0) lo = max(lo, m0 + diag - p.window + 1);
+  const int n_tiles = (p.P + 63) / 64;
+  if (n_tiles > 0) {
+    async_rows<T, D>(sQ, static_cast<const T*>(p.q) + qrow * D, nrows);
+    async_rows<T, D>(sdO, static_cast<const T*>(p.dout) + qrow * D, nrows);
   }
-  const int n_pre = (p.P + 63) / 64, n_own = hi > lo ? (hi - lo + 63) / 64 : 0, n_tiles = n_pre + n_own;
-  const int64_t own_base = (int64_t(b) * p.Hkv + hkv) * p.Nk * D, prefix_base = int64_t(hkv) * p.P * D;
-  const uint8_t* kpm_row = p.kpm ? p.kpm + int64_t(b) * p.Nk : nullptr;
-  auto tile_range = [&](int tile, int& n0, int& n) {
-    const bool own = tile >= n_pre;
-    n0 = own ? lo + (tile - n_pre) * 64 : tile * 64;
-    n = min(64, (own ? hi : p.P) - n0);
-    return own;
-  };
+  const int64_t prefix_base = int64_t(hkv) * p.P * D;
   auto issue = [&](int tile, int buf) {
-    int n0, n;
-    const bool own = tile_range(tile, n0, n);
-    const int64_t base = (own ? own_base : prefix_base) + int64_t(n0) * D;
-    async_rows<T, D>(sK + buf * 64 * D, static_cast<const T*>(own ? p.k : p.pk) + base, n);
-    async_rows<T, D>(sV + buf * 64 * D, static_cast<const T*>(own ? p.v : p.pv) + base, n);
+    const int n0 = tile * 64, n = min(64, p.P - n0);
+    async_rows<T, D>(sK + buf * 64 * D, static_cast<const T*>(p.pk) + prefix_base + int64_t(n0) * D, n);
+    async_rows<T, D>(sV + buf * 64 * D, static_cast<const T*>(p.pv) + prefix_base + int64_t(n0) * D, n);
   };
   if (n_tiles > 0) issue(0, 0);
   cp_async_commit();
 
   float lse2[2], delta[2];
-  int qi[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int r = warp * 16 + g + 8 * rr;
     lse2[rr] = r < nrows ? lse2_of(p.lse[qrow + r]) : INFINITY;
     delta[rr] = r < nrows ? p.delta[qrow + r] : 0.f;
-    qi[rr] = m0 + r;
   }
   float dq[D / 8][4];
   zero<D>(dq);
@@ -167,25 +161,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
     float s[8][4], dp[8][4];
     warp_scores<T, D>(dp, sdO, sV + buf * 64 * D);  // dP = dO V^T
     warp_scores<T, D>(s, sQ, kt);                    // S = Q K^T
-    int n0, n;
-    const bool own = tile_range(tile, n0, n);
-    bool masked = n < 64;
-    if (own) {
-      masked = masked || kpm_row != nullptr;
-      if (p.causal) masked = masked || n0 + 63 > m0 + diag || (p.window > 0 && n0 <= m0 + nrows - 1 + diag - p.window);
-    }
+    // Every row sees every prefix key; keys past P load as zeros, so their dS meets a zero
+    // row of K and adds nothing: no mask.
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float pr = exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]);
-        if (masked) {
-          const int c = j * 8 + 2 * t + (e & 1);
-          const bool ok = c < n && (!own || own_visible(qi[e >> 1], n0 + c, p.Nq, p.Nk, p.causal, p.window, kpm_row));
-          pr = ok ? pr : 0.f;
-        }
-        s[j][e] = pr * (dp[j][e] - delta[e >> 1]);  // dS
-      }
+      for (int e = 0; e < 4; ++e) s[j][e] = exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]) * (dp[j][e] - delta[e >> 1]);
     warp_accumulate<T, D>(dq, s, kt);  // dQ += dS K
     __syncthreads();
   }
@@ -194,16 +175,91 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdParams p) {
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int r = warp * 16 + g + 8 * rr;
-    T* out = static_cast<T*>(p.dq) + (qrow + r) * D;
+    float* out = p.dq_accum + (qrow + r) * D;
     if (r < nrows) {
 #pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj)
-        store2(out + dj * 8 + 2 * t, dq[dj][2 * rr] * p.scale, dq[dj][2 * rr + 1] * p.scale);
+      for (int dj = 0; dj < D / 8; ++dj) store2(out + dj * 8 + 2 * t, dq[dj][2 * rr], dq[dj][2 * rr + 1]);
     }
   }
+  if (threadIdx.x == 0) p.dq_order[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = -1;
 #else
   __trap();
 #endif
+}
+
+// dq = dq_accum * scale, rounded to T (n elements, even).
+template <typename T>
+__global__ void dq_finish_kernel(const BwdParams p, int64_t n) {
+  for (int64_t i = 2 * (int64_t(blockIdx.x) * blockDim.x + threadIdx.x); i < n; i += 2 * int64_t(gridDim.x) * blockDim.x)
+    store2(static_cast<T*>(p.dq) + i, __ldcg(p.dq_accum + i) * p.scale, __ldcg(p.dq_accum + i + 1) * p.scale);
+}
+
+// Query rows [m_lo, m_hi) that can see own-key tile [n0, n0 + n), m_lo rounded down to a
+// row tile: the rows dkdv_kernel walks for that tile, hence which key tiles add to a dq row
+// tile (a contiguous run of key tiles: both bounds grow with n0).
+__device__ __forceinline__ void rows_seeing(const BwdParams& p, int n0, int n, int& m_lo, int& m_hi) {
+  const int diag = p.Nk - p.Nq;
+  m_lo = 0;
+  m_hi = p.Nq;
+  if (p.causal) {
+    m_lo = max(0, n0 - diag);
+    if (p.window > 0) m_hi = min(m_hi, n0 + n - 1 - diag + p.window);
+  }
+  m_lo = (m_lo / 64) * 64;
+}
+
+// dQ += dS K for one (own-key tile, query tile) pair, added to dq_accum after the previous
+// key tile's share (key-tile order: bitwise deterministic). dsp: this warp's dS^T rows
+// (keys 16w.. x 64 query rows) packed to T; sdst: the query tile's shared buffer, free once
+// every warp is done with Q, which takes dS^T so the warps can trade rows for keys.
+template <typename T, int D>
+__device__ __forceinline__ void add_dq(const BwdParams& p, const uint32_t (&dsp)[8][2], T* sdst, const T* sK, int w,
+                                       int b, int m0, int nrows, int m_tiles, int n0) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, mi = lane / 8, mr = lane % 8;
+  const int G = p.Hq / p.Hkv, hkv = blockIdx.x % p.Hkv;
+  const int h = hkv * G + (w / m_tiles) % G;
+  __syncthreads();  // every warp has read Q for dK
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)  // [64 keys, 64 rows], swizzled as a D=64 tile
+      *reinterpret_cast<uint32_t*>(sdst + swizzle<64>(warp * 16 + g + 8 * rr, j * 8 + 2 * t)) = dsp[j][rr];
+  // The previous key tile added to this row tile iff this row tile is among the rows it sees.
+  int prev = -1;
+  if (blockIdx.y > 0) {
+    int lo, hi;
+    rows_seeing(p, n0 - 64, 64, lo, hi);
+    if (m0 >= lo && m0 < hi) prev = int(blockIdx.y) - 1;
+  }
+  int* order = p.dq_order + (int64_t(b) * p.Hq + h) * ((p.Nq + 63) / 64) + m0 / 64;
+  wait_for_flag(order, prev);  // its barrier also publishes dS^T
+  float* rows = p.dq_accum + ((int64_t(b) * p.Hq + h) * p.Nq + m0) * D;
+  // 16 output columns at a time, the A fragments of dS (query rows 16w.. x 64 keys: dS^T's
+  // tile read transposed) reloaded for each: dK and dV hold 2 x D/2 registers meanwhile.
+#pragma unroll 1
+  for (int dj = 0; dj < D / 8; dj += 2) {
+    float c[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t af[4], bf[4];
+      ldmatrix_x4_trans(af, sdst + swizzle<64>(kk * 16 + (mi >> 1) * 8 + mr, warp * 16 + (mi & 1) * 8));
+      ldmatrix_x4_trans(bf, sK + swizzle<D>(kk * 16 + (mi & 1) * 8 + mr, (dj + (mi >> 1)) * 8));
+      const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+      mma_16816<T>(c[0], af, b0);
+      mma_16816<T>(c[1], af, b1);
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int r = warp * 16 + g + 8 * rr;
+        float* a = rows + int64_t(r) * D + (dj + x) * 8 + 2 * t;
+        if (r < nrows) store2(a, __ldcg(a) + c[x][2 * rr], __ldcg(a + 1) + c[x][2 * rr + 1]);
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicExch(order, int(blockIdx.y));
 }
 
 // ---------------------------------------------------------------- dk, dv (own keys and prefix)
@@ -235,11 +291,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
   // Query tiles that can see this key tile (own keys under the causal / window rule).
   const int diag = p.Nk - p.Nq;
   int m_lo = 0, m_hi = p.Nq;
-  if (!kPrefix && p.causal) {
-    m_lo = max(0, n0 - diag);
-    if (p.window > 0) m_hi = min(m_hi, n0 + n - 1 - diag + p.window);
-  }
-  m_lo = (m_lo / 64) * 64;
+  if (!kPrefix) rows_seeing(p, n0, n, m_lo, m_hi);
   const int m_tiles = m_hi > m_lo ? (m_hi - m_lo + 63) / 64 : 0;
   // Work items: (sequence, query head of the group, query tile), sequence-major.
   const int b_step = kPrefix ? p.splits : p.B;  // own keys: the one sequence `outer`
@@ -327,7 +379,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
         const int c = j * 8 + 2 * t + (e & 1);
         dst[j][e] = unpack<T>(pt[j][e >> 1], e & 1) * (dst[j][e] - delta_t[c]);  // dS^T
       }
-    warp_accumulate<T, D>(dk, dst, qt);  // dK += dS^T Q
+    uint32_t dsp[8][2];  // dS^T rounded to T: dK's and (own keys) dQ's operand
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      dsp[j][0] = pack2<T>(dst[j][0], dst[j][1]);
+      dsp[j][1] = pack2<T>(dst[j][2], dst[j][3]);
+    }
+    warp_accumulate_packed<T, D>(dk, dsp, qt);  // dK += dS^T Q
+    if constexpr (!kPrefix) add_dq<T, D>(p, dsp, const_cast<T*>(qt), sK, w, b, m0, nrows, m_tiles, n0);
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -358,18 +417,21 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdParams p) {
 #endif
 }
 
-template <typename K>
-static void launch_kernel(K kernel, size_t smem, dim3 grid, const BwdParams& p) {
+template <typename K, typename... Args>
+static void launch_kernel(K kernel, size_t smem, dim3 grid, const BwdParams& p, int threads = kThreads,
+                          Args... args) {
   if (grid.x == 0 || grid.y == 0) return;
-  RC_LAUNCH(kernel, grid, kThreads, smem, p);
+  RC_LAUNCH(kernel, grid, threads, smem, p, args...);
 }
 
 template <typename T, int D>
 static void launch_all(const BwdParams& p) {
   constexpr size_t smem = BwdSmem<T, D>::kBytes;
   const auto tiles = [](int n) { return unsigned((n + 63) / 64); };
-  launch_kernel(dq_kernel<T, D>, smem, dim3(p.B * p.Hq, tiles(p.Nq)), p);
+  launch_kernel(dq_kernel<T, D>, smem, dim3(p.B * p.Hq, tiles(p.Nq)), p);  // also resets the order flags
   launch_kernel(dkdv_kernel<T, D, false>, smem, dim3(p.B * p.Hkv, tiles(p.Nk)), p);
+  const int64_t n = int64_t(p.B) * p.Hq * p.Nq * D;
+  launch_kernel(dq_finish_kernel<T>, 0, dim3(unsigned(std::min<int64_t>((n / 2 + 255) / 256, 4096))), p, 256, n);
   launch_kernel(dkdv_kernel<T, D, true>, smem, dim3(p.splits * p.Hkv, tiles(p.P)), p);
 }
 

@@ -10,7 +10,7 @@
 #ifdef RC_EMULATE  // CPU emulation for CI (csrc/emu/cuda_emu.h)
 #include "emu/cuda_emu.h"
 #define RC_DYNAMIC_SMEM(name) unsigned char* name = rc_emu::g->smem
-#define RC_LAUNCH(kernel, grid, threads, smem, p) rc_emu::launch(kernel, grid, dim3(threads), smem, p)
+#define RC_LAUNCH(kernel, grid, threads, smem, ...) rc_emu::launch(kernel, grid, dim3(threads), smem, __VA_ARGS__)
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,10 +18,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define RC_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
-#define RC_LAUNCH(kernel, grid, threads, smem, p)                                                           \
+#define RC_LAUNCH(kernel, grid, threads, smem, ...)                                                         \
   do {                                                                                                      \
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));  \
-    kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);                                   \
+    kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);                         \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                         \
   } while (0)
 #endif
@@ -54,6 +54,23 @@ template <typename OutT>
 __device__ __forceinline__ void store2(OutT* dst, float a, float b) {
   dst[0] = from_float<OutT>(a);
   dst[1] = from_float<OutT>(b);
+}
+
+// Block until *flag == value, written by an earlier block (in launch order) and published
+// with __threadfence before it. Thread 0 waits; the barrier releases the block. Progress
+// relies on blocks being dispatched in increasing linear index, as FA2/FA3's deterministic
+// backward does: the block waited for always has the lower index.
+__device__ __forceinline__ void wait_for_flag(int* flag, int value) {
+#ifdef RC_EMULATE
+  rc_emu::expect_flag(flag, value);
+#else
+  if (threadIdx.x == 0) {
+    while (atomicCAS(flag, value, value) != value) {
+    }
+    __threadfence();
+  }
+#endif
+  __syncthreads();
 }
 
 // The op's visibility rule for own keys (reference.causal_visibility): query i sees key j

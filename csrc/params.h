@@ -67,6 +67,11 @@ struct BwdParams {
   const float *lse, *delta;  // lse natural log; delta = rowsum(dout * out) - dlse
   void *dq, *dk, *dv;
   float *dpk_part, *dpv_part;  // [splits, Hkv, P, D]
+  // dq in fp32, unscaled: the prefix's share written by dq_kernel, then each own-key tile's
+  // share added by dkdv_kernel in key-tile order (dq_order[row tile] = the last tile that
+  // added; dq_kernel sets it to -1), then scaled and rounded by dq_finish_kernel.
+  float* dq_accum;  // [B, Hq, Nq, D]
+  int* dq_order;    // [B, Hq, ceil(Nq / 64)]
   int B, Hq, Hkv, Nq, Nk, P, splits;
   bool causal;
   int window;

@@ -139,8 +139,19 @@ struct Block {
   std::vector<std::vector<std::array<long, 32>>> copies;  // [warp][k-th cp.async of each lane][lane] smem offsets
   dim3 block_idx, block_dim, grid_dim;
   uint64_t progress = 0;
+  std::string error;  // set by fail()
 };
 inline Block* g = nullptr;
+
+// An error inside a kernel: C++ exceptions cannot cross the fibers' context switches, so
+// the fiber records it, stops, and the scheduler (run_block) throws it.
+[[noreturn]] inline void fail(const std::string& what) {
+  g->error = "cuda_emu: " + what;
+  g->fibers[g->current].done = true;
+  ++g->progress;
+  swapcontext(&g->fibers[g->current].ctx, &g->sched);
+  std::abort();  // never resumed
+}
 
 inline void yield() {
   Fiber& f = g->fibers[g->current];
@@ -222,14 +233,15 @@ inline void run_block(Block& b) {
       }
       b.current = t;
       swapcontext(&b.sched, &b.fibers[t].ctx);
+      if (!b.error.empty()) throw std::runtime_error(b.error);
     }
     if (b.progress == before && done < b.nthreads)
       throw std::runtime_error("cuda_emu: deadlock (a barrier that not every thread of the block reaches)");
   }
 }
 
-template <typename Kernel, typename Params>
-void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Params& p) {
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Args&... args) {
   constexpr size_t kMaxSmem = 227 * 1024;  // sm_90 opt-in limit
   if (smem_bytes > kMaxSmem) throw std::runtime_error("cuda_emu: kernel asks for more shared memory than sm_90 has");
   if (grid.y > 65535 || grid.z > 65535 || block.x * block.y * block.z > 1024)
@@ -251,10 +263,15 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, const Param
         b.block_idx = dim3(x, y, z);
         b.block_dim = block;
         b.grid_dim = grid;
-        b.body = [&] { kernel(p); };
+        b.body = [&] { kernel(args...); };
         Block* saved = g;
         g = &b;
-        run_block(b);
+        try {
+          run_block(b);
+        } catch (...) {
+          g = saved;
+          throw;
+        }
         g = saved;
       }
 }
@@ -280,6 +297,16 @@ inline int atomicExch(int* p, int v) {
   return old;
 }
 inline float __ldcg(const float* p) { return *p; }
+namespace rc_emu {
+// Blocks run one at a time in launch order here, so a flag an earlier block sets is set
+// by now; one that is not would be waited for forever on a GPU as well (or by a later
+// block: an ordering bug either way).
+inline void expect_flag(const int* flag, int value) {
+  if (*flag != value)
+    fail("a block waits for a flag no earlier block set (" + std::to_string(*flag) + " != " + std::to_string(value) +
+         ")");
+}
+}  // namespace rc_emu
 inline void __syncwarp(unsigned = 0xffffffffu) { rc_emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
   const int w = rc_emu::warp(), l = rc_emu::lane();
@@ -302,10 +329,8 @@ namespace rc_emu {
 inline Fiber& self() { return g->fibers[g->current]; }
 inline const unsigned char* smem_checked(const void* p, size_t bytes, const char* what) {
   const auto* c = static_cast<const unsigned char*>(p);
-  if (c < g->smem || c + bytes > g->smem + g->smem_bytes)
-    throw std::runtime_error(std::string("cuda_emu: ") + what + " outside the block's shared memory");
-  if (reinterpret_cast<uintptr_t>(c) % 16 != 0)
-    throw std::runtime_error(std::string("cuda_emu: ") + what + " address not 16-byte aligned");
+  if (c < g->smem || c + bytes > g->smem + g->smem_bytes) fail(std::string(what) + " outside the block's shared memory");
+  if (reinterpret_cast<uintptr_t>(c) % 16 != 0) fail(std::string(what) + " address not 16-byte aligned");
   return c;
 }
 inline uint16_t load16(const unsigned char* p) {
@@ -379,8 +404,7 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_ptr) { rc_emu::l
 inline void cp_async_16(void* dst, const void* src, bool valid) {
   using namespace rc_emu;
   auto* d = const_cast<unsigned char*>(smem_checked(dst, 16, "cp.async destination"));
-  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0)
-    throw std::runtime_error("cuda_emu: cp.async source not 16-byte aligned");
+  if (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async source not 16-byte aligned");
   Fiber& f = self();
   f.open.push_back({d, static_cast<const unsigned char*>(src), valid});
   auto& seq = g->copies[warp()];
