@@ -301,7 +301,7 @@ def cuda_rows() -> list[dict]:
         smem = C.smem_bytes("fwd" if kernel == "attend_kernel" else "bwd", bf16, D) if D else 0
         cfg = kernel.replace("_kernel", "") + ("<" + ",".join(targs[1:]) + ">" if len(targs) > 1 else "")
         warps = int(targs[3]) if kernel == "attend_kernel" else 4  # decode's small problems get 1-warp tiles
-        tile = f"{16 * warps}-row tiles, {warps} warp{'s' if warps > 1 else ''}"
+        tile = f"{16 * warps}-row tiles, {warps} warp{'s' if warps > 1 else ''}" if D else "elementwise"
         if warps == 1:  # smem_bytes reports the 64-row tile's; the 16-row tile's Q tile is a quarter
             smem -= 48 * D * 2
         rows.append(
