@@ -325,6 +325,8 @@ def cuda_launch_limits(rows: list[dict]) -> list[str]:
     sharedMemPerBlockOptin before launching, so these are refusals, not crashes)."""
     need = {}
     for r in rows:
+        if not r["head_dim"]:  # an elementwise kernel (no shared memory)
+            continue
         key = (r["dtype"], r["head_dim"])
         need[key] = max(need.get(key, 0), r["smem_bytes"])
     lines = []

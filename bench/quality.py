@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "lora-lr5e-3": dict(kind="lora", lr=5e-3),
     "lora-lr1e-2": dict(kind="lora", lr=1e-2),
     "lora-const-lr2e-3": dict(kind="lora", lr=2e-3, warmup_ratio=0.0, min_lr_ratio=1.0, max_grad_norm=0.0),
+    "prefix-lr3e-3": dict(kind="prefix", init="demonstrations", lr=3e-3),  # 1e-2 beat 3e-2 on two_quantities
     "prefix-const-lr1e-2": dict(
         kind="prefix", init="demonstrations", lr=1e-2, warmup_ratio=0.0, min_lr_ratio=1.0, max_grad_norm=0.0
     ),  # fmt: skip
