@@ -44,6 +44,12 @@ VARIANTS: dict[str, dict] = {
     "prefix-const-lr1e-2": dict(
         kind="prefix", init="demonstrations", lr=1e-2, warmup_ratio=0.0, min_lr_ratio=1.0, max_grad_norm=0.0
     ),  # fmt: skip
+    # the prefix recipe screen: values at their own rate, the model's own sink, token init
+    "prefix-v3": dict(kind="prefix", init="demonstrations", lr=1e-2, value_lr_ratio=3.0),
+    "prefix-v0.3": dict(kind="prefix", init="demonstrations", lr=1e-2, value_lr_ratio=0.3),
+    "prefix-sink": dict(kind="prefix", init="demonstrations", lr=1e-2, sink=True),
+    "prefix-tokens": dict(kind="prefix", init="tokens", lr=1e-2),
+    "lora-lr3e-3": dict(kind="lora", lr=3e-3),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
@@ -95,6 +101,7 @@ def run_one(
         warmup_ratio=v.get("warmup_ratio", 0.1),
         min_lr_ratio=v.get("min_lr_ratio", 0.0),
         max_grad_norm=v.get("max_grad_norm", 1.0),
+        value_lr_ratio=v.get("value_lr_ratio", 1.0),
     )
     out_dir = Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
     t0 = time.time()

@@ -72,7 +72,20 @@ def test_gradient_checkpointing_matches(tmp_path):
     torch.testing.assert_close(model.reasoncache.keys.detach(), want, atol=1e-6, rtol=1e-5)
 
 
+def test_value_lr_ratio_moves_values_at_their_own_rate(tmp_path):
+    """One Adam step moves every element by about lr (sign-like first step): the values by
+    lr * value_lr_ratio, the keys by lr."""
+    model, tok, train, cfg = _setup(steps=1, warmup_ratio=0.0, max_grad_norm=0.0, value_lr_ratio=4.0)
+    k0, v0 = model.reasoncache.keys.detach().clone(), model.reasoncache.values.detach().clone()
+    Trainer(model, tok, train, cfg, tmp_path, progress=False).train_step()
+    dk = (model.reasoncache.keys.detach() - k0).abs().max().item()
+    dv = (model.reasoncache.values.detach() - v0).abs().max().item()
+    assert dk == pytest.approx(cfg.lr, rel=1e-3) and dv == pytest.approx(4 * cfg.lr, rel=1e-3)
+
+
 def test_bad_config():
+    with pytest.raises(ValueError, match="value_lr_ratio must be a positive number"):
+        TrainConfig(value_lr_ratio=0.0).check()
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         TrainConfig(batch_size=0).check()
     with pytest.raises(ValueError, match="lr must be a positive number"):

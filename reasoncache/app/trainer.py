@@ -43,6 +43,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
+    value_lr_ratio: float = 1.0  # a prefix's values learn at lr * this (its keys and everything else at lr)
     max_grad_norm: float = 1.0
     seed: int = 0
     length_grouped: bool = True
@@ -71,6 +72,7 @@ class TrainConfig:
         "warmup_ratio",
         "min_lr_ratio",
         "weight_decay",
+        "value_lr_ratio",
         "max_grad_norm",
         "seed",
         "length_grouped",
@@ -88,6 +90,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.value_lr_ratio > 0 and math.isfinite(self.value_lr_ratio)):
+            raise ValueError(f"value_lr_ratio must be a positive number, got {self.value_lr_ratio!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.objective not in OBJECTIVES:
@@ -253,7 +257,12 @@ class Trainer:
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters; patch it with a ReasonCache first")
-        self.opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        values = [p for n, p in self.params if n.endswith(".values")]
+        groups = [{"params": [p for n, p in self.params if not n.endswith(".values")]}]
+        if values:  # a prefix's values: their own rate, the scheduler scales both groups alike
+            groups.append({"params": values, "lr": cfg.lr * cfg.value_lr_ratio})
+        groups = [g for g in groups if g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_multiplier(s, cfg))
         self.step = 0
         self._epochs: dict[int, list[list[int]]] = {}
