@@ -183,10 +183,13 @@ def triton_kernels():
     from reasoncache.kernels import bwd, fwd
 
     causal = dict(IS_CAUSAL=True, HAS_WINDOW=False, HAS_KPM=False)
+    prefill = dict(causal, SCALE_POSITIVE=True, HAS_INIT=False, SPLIT_KV=False, TMA_MIN_ROWS=fwd.TMA_MIN_ROWS)
     return {
-        "fwd": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=False, SPLIT_KV=False)),
+        "fwd": (fwd._fwd_kernel, dict(prefill, USE_TMA=False)),
+        # the interior K/V tiles through TMA descriptors (REASONCACHE_TRITON_TMA=1; sm_90 only)
+        "fwd tma": (fwd._fwd_kernel, dict(prefill, USE_TMA=True)),
         # decode: the own-key pass that merges the prefix pass's partials, split over own keys
-        "fwd decode own keys": (fwd._fwd_kernel, dict(causal, SCALE_POSITIVE=True, HAS_INIT=True, SPLIT_KV=True)),
+        "fwd decode own keys": (fwd._fwd_kernel, dict(prefill, HAS_INIT=True, SPLIT_KV=True, USE_TMA=False)),
         "fwd prefix pass": (fwd._prefix_pass_kernel, dict(SCALE_POSITIVE=True)),
         "bwd dk/dv": (bwd._bwd_dkdv_kernel, causal),
         "bwd dq": (bwd._bwd_dq_kernel, causal),
@@ -200,14 +203,17 @@ def choosable(archs) -> list[tuple]:
     pruning; the forward's space also serves the shared-prefix pass, whose tile is picked
     from it by rule), and the prefix-gradient kernel's fixed tile at every head dim."""
     from reasoncache.kernels import utils
-    from reasoncache.kernels.fwd import SHARED_PREFIX_MAX_ROWS
+    from reasoncache.kernels.fwd import SHARED_PREFIX_MAX_ROWS, TMA_MIN_ROWS
 
     out = []
     fwd = utils.FWD_SPACE
-    spaces = [("fwd", fwd), ("fwd decode own keys", fwd), ("fwd prefix pass", fwd),
+    spaces = [("fwd", fwd), ("fwd tma", fwd), ("fwd decode own keys", fwd), ("fwd prefix pass", fwd),
               ("bwd dk/dv", utils.DKDV_SPACE), ("bwd dq", utils.DQ_SPACE)]  # fmt: skip
     for name, space in spaces:
         for t in space:
+            if name == "fwd tma":  # sm_90's wgmma tiles: the only ones that take the descriptor path
+                out += [(name, t, D, 90) for D in t.fits.get(9, ()) if 90 in archs and t.block_m >= TMA_MIN_ROWS]
+                continue
             if name == "fwd decode own keys" and t.block_m > SHARED_PREFIX_MAX_ROWS:
                 continue  # the pass runs only for that many rows per sequence, and the pruner follows the rows
             out += [(name, t, D, arch) for arch in archs for D in t.fits.get(arch // 10, ())]
@@ -267,6 +273,8 @@ def triton_findings(row: dict) -> list[str]:
     block_m = int(row["config"].split("x")[0])
     if row["target"] == "sm_90" and row["kernel"].startswith("fwd") and block_m >= 64 and not row["sass"]["HGMMA"]:
         found.append("no wgmma on sm_90")
+    if row["kernel"] == "fwd tma" and not row["sass"]["UTMALDG"]:
+        found.append("no TMA load (UTMALDG)")
     if row["i64_offsets"] is False:
         found.append("32-bit batch offsets")
     return found

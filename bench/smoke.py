@@ -15,7 +15,8 @@ recorded and the next item run:
 5. ``decode-after-prefill``: the same decode again (the autotuner must not carry prefill
    tiles into decode);
 6. ``d64-padding-window``: D=64 with key padding and a sliding window; 7. ``d256``;
-8. ``chosen-tiles``: the tile the autotuner chose for every kernel and size class, with
+8. ``tma-forward`` (Triton): the headline forward with K/V tiles by pointer and by TMA;
+9. ``chosen-tiles``: the tile the autotuner chose for every kernel and size class, with
    registers and spills.
 
 ``--backend`` picks the kernels (triton or cuda; run them in separate processes, so a
@@ -119,6 +120,32 @@ def timed_padding_window(backend: str, device: str, quick: bool) -> list[dict]:
         return [{"B": B, "N": N, "P": P, "D": 64, "window": window, "max_err": err, "fwd_ms": time_ms(ours, device)}]
 
 
+def tma_forward(device: str) -> list[dict]:
+    """The Triton forward at the headline shape (causal, bf16) with its interior K/V tiles
+    loaded by pointer and through TMA descriptors (``REASONCACHE_TRITON_TMA=1``'s path, off
+    by default until this item has measured it): the largest difference between the two
+    outputs, then each one's time and TFLOP/s (4 B Hq N (P + (N + 1) / 2) D)."""
+    from reasoncache.kernels.fwd import prefix_attention_fwd, tma_unusable
+
+    B, Hq, Hkv, N, P, D = 16, 32, 8, 2048, 256, 128
+    (q, k, v, pk, pv), _ = _inputs(B, Hq, Hkv, N, P, D, torch.bfloat16, device)
+    reason = tma_unusable(k, v, pk, pv)
+    if reason is not None:
+        return [{"skipped": reason}]
+
+    def run(tma: bool):
+        return prefix_attention_fwd(q, k, v, pk, pv, None, True, D**-0.5, tma=tma)[0]
+
+    with torch.no_grad():
+        diff = _max_err(run(False), run(True))
+        flops = 4 * B * Hq * N * (P + (N + 1) / 2) * D
+        rows = []
+        for tma in (False, True):
+            ms = time_ms(lambda tma=tma: run(tma), device)
+            rows.append({"tma": tma, "max_diff_vs_pointer_loads": diff, "fwd_ms": ms, "tflops": flops / ms / 1e9})
+    return rows
+
+
 def chosen_tiles() -> list[dict]:
     """What the Triton autotuner picked per kernel and key, and each compiled kernel's
     registers and spills (read where this Triton exposes them)."""
@@ -167,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode-after-prefill": lambda: decode.run_shape(dec, args.device, [args.backend]),
         "d64-padding-window": lambda: timed_padding_window(args.backend, args.device, quick),
         "d256": lambda: kernel.run_shape(d256, args.device, [ours, "sdpa-concat-lower-right"]),
+        "tma-forward": (lambda: tma_forward(args.device)) if args.backend == "triton" and not quick else list,
         "chosen-tiles": chosen_tiles if args.backend == "triton" else list,
     }
     unknown = set(args.only or ()) - set(items)

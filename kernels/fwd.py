@@ -18,6 +18,8 @@ Each program runs two loops of one shape, each over prefix blocks then own-key b
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,7 @@ from .utils import (
     configs,
     dot_precision,
     fwd_pass_tile,
+    interpreting,
     launch_meta,
     own_visible,
     pruner,
@@ -39,13 +42,13 @@ from .utils import (
 @triton.jit
 def _fwd_blocks(
     acc, l_i, m_i, q, qi,
-    PK, PV, K, V, KPM,
+    PK, PV, K, V, KPM, KD, VD,
     stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     n_blocks, n_prefix_blocks, prefix_start, own_start, P, N_K, diag, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over ``n_blocks`` key blocks in one loop: the
     first ``n_prefix_blocks`` of the prefix from ``prefix_start``, then the own keys from
@@ -56,6 +59,10 @@ def _fwd_blocks(
     ``qk * scale - m`` (the row max is taken on raw scores, so it needs ``SCALE_POSITIVE``;
     otherwise the min). Padding and window masks, where present, still apply to own keys.
     ``MASKED=True`` handles the prefix's partial last block and the causal diagonal blocks.
+
+    ``USE_TMA`` (interior only): K and V tiles come through the tensor descriptors ``KD``/``VD``
+    ``[keys, HEAD_DIM]`` (TMA on sm_90) instead of pointers; a descriptor covers one tensor,
+    so the caller runs the prefix's blocks and the own blocks as two calls.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -73,7 +80,11 @@ def _fwd_blocks(
         svd = tl.where(in_prefix, stride_pvd, stride_vd)
         k_ptrs = kbase + offs_n[None, :] * skn + offs_d[:, None] * skd
         v_ptrs = vbase + offs_n[:, None] * svn + offs_d[None, :] * svd
-        if MASKED:
+        if USE_TMA:
+            tl.static_assert(not MASKED, "the descriptor path serves whole interior blocks only")
+            kt = tl.trans(KD.load([key0, 0]))
+            vt = VD.load([key0, 0])
+        elif MASKED:
             n_ok = offs_n < tl.where(in_prefix, P, N_K)
             kt = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             vt = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -165,7 +176,8 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
-    HAS_INIT: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_INIT: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    TMA_MIN_ROWS: tl.constexpr,
 ):
     """One (row tile, batch x KV head, own-key split) program. ``HAS_INIT``: start from
     ``INIT_SPLITS`` partial results ``OInit [S, B, Hq, Nq, D]`` (normalised) and ``LInit
@@ -176,7 +188,12 @@ def _fwd_kernel(
     (s + 1) x KV_CHUNK)`` (``KV_CHUNK`` a multiple of every ``BLOCK_N``), split 0 also the
     prefix or its partials; each writes a normalised partial to ``SplitO``/``SplitL``, and
     the last of a tile's splits to finish (a ticket per tile in ``Tickets``, left at 0
-    again) merges them in split order into ``Out``/``Lse``."""
+    again) merges them in split order into ``Out``/``Lse``.
+
+    ``USE_TMA``: the interior blocks load K/V through device-side tensor descriptors (TMA on
+    sm_90; the launcher checks the strides and alignment TMA needs and sets the allocator
+    for the descriptors' scratch), the prefix's and the own blocks in two loops. The
+    boundary blocks keep pointer loads with their masks. Tiles under ``TMA_MIN_ROWS`` rows ignore it."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -241,16 +258,37 @@ def _fwd_kernel(
     PK_h = PK + hk * stride_pkh
     PV_h = PV + hk * stride_pvh
     WINDOW_MASK: tl.constexpr = IS_CAUSAL and HAS_WINDOW
+    # TMA for the wgmma tiles only (TMA_MIN_ROWS = 64): the 16- and 32-row mma.sync tiles
+    # (decode, short chunks) gain little from it, and at D=128 two of them spilled 8 bytes in
+    # the loop with it. The interpreter passes 1, so its pinned 16-row tile tests the path.
+    TMA: tl.constexpr = USE_TMA and BLOCK_M >= TMA_MIN_ROWS
+    if TMA:
+        # Shapes of at least 1 row: a descriptor of an empty tensor is never read, but must be valid.
+        pkd = tl.make_tensor_descriptor(PK_h, [tl.maximum(P, 1), HEAD_DIM], [stride_pkn, 1], [BLOCK_N, BLOCK_D])
+        pvd = tl.make_tensor_descriptor(PV_h, [tl.maximum(P, 1), HEAD_DIM], [stride_pvn, 1], [BLOCK_N, BLOCK_D])
+        kd = tl.make_tensor_descriptor(K_b, [tl.maximum(N_K, 1), HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        vd = tl.make_tensor_descriptor(V_b, [tl.maximum(N_K, 1), HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        acc, l_i, m_i = _fwd_blocks(  # the prefix's whole blocks: no own-key masks
+            acc, l_i, m_i, q, qi, PK_h, PV_h, K_b, V_b, KPM_b, pkd, pvd,
+            stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            n_prefix_full, n_prefix_full, 0, own_lo, P, N_K, diag, WINDOW, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, SCALE_POSITIVE, DOT_PRECISION, True)
+        acc, l_i, m_i = _fwd_blocks(  # the own blocks every row sees whole
+            acc, l_i, m_i, q, qi, PK_h, PV_h, K_b, V_b, KPM_b, kd, vd,
+            stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            n_own_full, 0, 0, own_lo, P, N_K, diag, WINDOW, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, WINDOW_MASK, HAS_KPM, SCALE_POSITIVE, DOT_PRECISION, True)
+    else:
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, qi, PK_h, PV_h, K_b, V_b, KPM_b, PK_h, PV_h,
+            stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+            n_prefix_full + n_own_full, n_prefix_full, 0, own_lo, P, N_K, diag, WINDOW, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, False, WINDOW_MASK, HAS_KPM, SCALE_POSITIVE, DOT_PRECISION, False)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, qi, PK_h, PV_h, K_b, V_b, KPM_b,
-        stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-        n_prefix_full + n_own_full, n_prefix_full, 0, own_lo, P, N_K, diag, WINDOW, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, WINDOW_MASK, HAS_KPM, SCALE_POSITIVE, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, qi, PK_h, PV_h, K_b, V_b, KPM_b,
+        acc, l_i, m_i, q, qi, PK_h, PV_h, K_b, V_b, KPM_b, PK_h, PV_h,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
         prefix_tail + n_own_edge, prefix_tail, n_prefix_full * BLOCK_N, full_end, P, N_K, diag, WINDOW, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, WINDOW_MASK, HAS_KPM, SCALE_POSITIVE, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, WINDOW_MASK, HAS_KPM, SCALE_POSITIVE, DOT_PRECISION, False)
 
     # A row that saw no key (P == 0, all own keys masked) gets 0 and lse = -inf.
     out, lse = _normalise(acc, l_i, m_i)
@@ -326,15 +364,15 @@ def _prefix_pass_kernel(
     tail = ((n_full < j_hi) & (P % BLOCK_N != 0)).to(tl.int32)
     # Own-key arguments are unused: every block here is a prefix block.
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, qi, PK_h, PV_h, PK_h, PV_h, PK_h,
+        acc, l_i, m_i, q, qi, PK_h, PV_h, PK_h, PV_h, PK_h, PK_h, PV_h,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
         whole, whole, j_lo * BLOCK_N, 0, P, 0, 0, 0, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, SCALE_POSITIVE, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, False, SCALE_POSITIVE, DOT_PRECISION, False)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, qi, PK_h, PV_h, PK_h, PV_h, PK_h,
+        acc, l_i, m_i, q, qi, PK_h, PV_h, PK_h, PV_h, PK_h, PK_h, PV_h,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_pkn, stride_pkd, stride_pvn, stride_pvd, 0,
         tail, tail, n_full * BLOCK_N, 0, P, 0, 0, 0, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, False, False, False, SCALE_POSITIVE, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, False, False, False, SCALE_POSITIVE, DOT_PRECISION, False)
     out, lse = _normalise(acc, l_i, m_i)
     tl.store(OP + split * stride_os + b[:, None] * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om
              + offs_d[None, :] * stride_od, out, mask=io_mask)
@@ -382,6 +420,7 @@ def prefix_attention_fwd(
     window: int = 0,
     shared_prefix: bool | None = None,
     kv_splits: int | None = None,
+    tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs are validated by the caller.
 
@@ -391,7 +430,10 @@ def prefix_attention_fwd(
     across the batch first (``_prefix_pass_kernel``); None decides by ``shared_prefix_plan``
     (decode-sized rows), True also for one sequence with one prefix tile, False never
     (tests and benchmarks compare both). ``kv_splits``: force the split-KV count of
-    decode-sized rows (None: ``own_split_plan`` decides from the device).
+    decode-sized rows (None: ``own_split_plan`` decides from the device). ``tma``: load the
+    interior K/V tiles through tensor descriptors (``tma_unusable`` says when they cannot
+    be); None follows ``REASONCACHE_TRITON_TMA`` (off unless set to 1, until a GPU has
+    measured it), True insists and raises with the reason where they cannot be used.
     Returns out ``[B, Hq, Nq, D]`` (contiguous, q's dtype) and lse ``[B, Hq, Nq]`` fp32.
     """
     B, Hq, Nq, D = q.shape
@@ -425,6 +467,7 @@ def prefix_attention_fwd(
         part_o = part_l = lse  # unused
         splits, own_p = 0, P
 
+    use_tma = _want_tma(tma, k, v, prefix_k, prefix_v)
     kv_splits, chunk = own_split_plan(B, Nq * group, Nk, Hkv, q.device, kv_splits)
     if kv_splits > 1:
         split_o = torch.empty((kv_splits, B, Hq, Nq, D), dtype=torch.float32, device=q.device)
@@ -449,9 +492,71 @@ def prefix_attention_fwd(
         tune_bucket(Nq * group), tune_bucket(Nk), tune_bucket(own_p),
         GROUP=group, IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_KPM=key_padding_mask is not None,
         SCALE_POSITIVE=softmax_scale >= 0, HAS_INIT=plan is not None, SPLIT_KV=kv_splits > 1,
-        DOT_PRECISION=prec, **meta,
+        DOT_PRECISION=prec, USE_TMA=use_tma, TMA_MIN_ROWS=1 if interpreting() else TMA_MIN_ROWS, **meta,
     )
     return out, lse
+
+
+# The smallest row tile whose interior K/V loads go through TMA descriptors (the wgmma tiles).
+TMA_MIN_ROWS = 64
+
+
+def tma_unusable(*tensors: torch.Tensor) -> str | None:
+    """Why the forward's K/V tiles cannot come through TMA descriptors, or None where they
+    can: the Triton build has no ``tl.make_tensor_descriptor``, no descriptor scratch
+    allocator can be set, the device is not sm_90 or newer (the interpreter runs descriptors
+    on the CPU), or a tensor's innermost stride is not 1, its address or another stride not a
+    multiple of 16 bytes (TMA's rules)."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"Triton {triton.__version__} has no tl.make_tensor_descriptor"
+    if not _allocator_ready():
+        return "a Triton allocator other than ours is set; descriptors need one we can rely on"
+    dev = tensors[0].device
+    if not interpreting() and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
+        return f"TMA needs an sm_90 or newer GPU, got {dev}"
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1:
+            return f"innermost stride {t.stride(-1)} of a {tuple(t.shape)} tensor (TMA needs 1)"
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return f"a {tuple(t.shape)} tensor with strides {t.stride()} or its address is not 16-byte aligned"
+    return None
+
+
+def _want_tma(tma: bool | None, *tensors: torch.Tensor) -> bool:
+    """The launch's ``USE_TMA``: ``tma`` or, for None, ``REASONCACHE_TRITON_TMA=1``; True with
+    a reason it cannot run raises (a silent fallback would measure the wrong kernel)."""
+    if tma is None:
+        tma = os.environ.get("REASONCACHE_TRITON_TMA", "0") == "1"
+        if tma and tma_unusable(*tensors) is not None:
+            return False  # the environment asks for every launch; those that cannot, load by pointer
+    if not tma:
+        return False
+    reason = tma_unusable(*tensors)
+    if reason is not None:
+        raise ValueError(f"tma=True, but the forward cannot use TMA descriptors here: {reason}")
+    return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (128 bytes per program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _allocator_ready() -> bool:
+    """Make sure Triton has an allocator for the descriptors' scratch: ours is set when none
+    is; a caller's own allocator is kept and used. False where Triton's private allocation
+    module is not what we know (then we cannot tell, and do not use descriptors)."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return False
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or not hasattr(current, "get"):
+        return False
+    if isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
 
 
 # Split-KV chunks are multiples of this many own keys: a multiple of every BLOCK_N, so a
@@ -497,6 +602,6 @@ def own_split_plan(B: int, rows: int, Nk: int, hkv: int, device: torch.device, s
 _fwd_autotuned = triton.autotune(
     configs=configs(FWD_SPACE),
     key=["BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "HAS_KPM", "HAS_INIT", "SPLIT_KV", "DOT_PRECISION",
-         "TUNE_ROWS", "TUNE_NK", "TUNE_P"],
+         "USE_TMA", "TUNE_ROWS", "TUNE_NK", "TUNE_P"],
     prune_configs_by={"early_config_prune": pruner(FWD_SPACE, "BLOCK_M", lambda a, kw: a["N_Q"] * kw["GROUP"])},
 )(_fwd_kernel)

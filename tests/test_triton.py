@@ -200,3 +200,39 @@ def test_split_kv_decode_merges_its_splits_exactly(case, shared_prefix):
         out, lse = prefix_attention_fwd(*args, shared_prefix=shared_prefix, kv_splits=3)
         assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
     assert not _TICKETS[plain[0].device].any(), "every ticket is back at 0"
+
+
+@pytest.mark.parametrize("case", [
+    Case(B=2, Hq=4, Hkv=2, Nq=70, Nk=70, P=40, D=32),  # whole prefix and own blocks, then the boundary
+    Case(B=2, Hq=8, Hkv=1, Nq=40, Nk=100, P=70, D=40, pad="left"),  # D padded in the box, padding mask
+    Case(B=1, Hq=4, Hkv=2, Nq=70, Nk=70, P=0, D=32, window=33),  # no prefix, the window's mask on interiors
+    Case(B=2, Hq=4, Hkv=2, Nq=1, Nk=300, P=40, D=32),  # decode: prefix pass, then split own keys
+], ids=str)  # fmt: skip
+def test_tma_descriptor_loads_equal_pointer_loads_and_the_oracle(case):
+    """The forward's interior K/V tiles through tensor descriptors (TMA on sm_90; the
+    interpreter runs the descriptors' semantics: box loads, zero fill past the head dim)
+    against the fp64 oracle and against the pointer path."""
+    from reasoncache.kernels.fwd import prefix_attention_fwd, tma_unusable
+
+    tensors, mask = make_inputs(case)
+    plain = [t.detach() for t in tensors]
+    assert tma_unusable(*plain[1:]) is None
+    ref_out, ref_lse, _ = oracle(tensors, mask, torch.zeros(case.B, case.Hq, case.Nq, case.D),
+                                 torch.zeros(case.B, case.Hq, case.Nq), case.causal, window=case.window)  # fmt: skip
+    args = (*plain, mask, case.causal, case.D**-0.5, case.window or 0)
+    out, lse = prefix_attention_fwd(*args, tma=True)
+    assert max_err(out, ref_out) < 1e-5 and max_err(lse, ref_lse) < 1e-5
+    out_ptr, lse_ptr = prefix_attention_fwd(*args, tma=False)
+    assert max_err(out, out_ptr) < 1e-6 and max_err(lse, lse_ptr) < 1e-6
+
+
+def test_tma_refuses_with_the_reason_where_descriptors_cannot_load():
+    from reasoncache.kernels.fwd import prefix_attention_fwd, tma_unusable
+
+    case = Case(B=1, Hq=2, Hkv=1, Nq=8, Nk=8, P=4, D=32)
+    q, k, v, pk, pv = (t.detach() for t in make_inputs(case)[0])
+    odd = torch.randn(1, 1, 8, 33)[..., :32]  # rows of 33 floats: 132 bytes, not a multiple of 16
+    assert "16-byte" in tma_unusable(odd, v, pk, pv)
+    assert "innermost stride" in tma_unusable(k.transpose(-1, -2), v, pk, pv)
+    with pytest.raises(ValueError, match="tma=True.*16-byte"):
+        prefix_attention_fwd(q, odd, v, pk, pv, None, True, 32**-0.5, tma=True)
