@@ -51,9 +51,11 @@ VARIANTS: dict[str, dict] = {
     "prefix-tokens": dict(kind="prefix", init="tokens", lr=1e-2),
     "lora-lr3e-3": dict(kind="lora", lr=3e-3),
     # Li & Liang's MLP reparametrization at equal trainable parameters: hidden 15 gives
-    # 184,815 (P x h + h x h + h + L x (h + 1) x 2 Hkv D) against the plain prefix's 184,320
+    # 184,800 (P x h + h x h + h + L x (h + 1) x 2 Hkv D) against the plain prefix's 184,320
     "prefix-mlp15-lr3e-3": dict(kind="prefix", init="demonstrations", lr=3e-3, reparam_hidden=15),
     "prefix-mlp15-lr1e-2": dict(kind="prefix", init="demonstrations", lr=1e-2, reparam_hidden=15),
+    "prefix-mlp15-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, reparam_hidden=15),
+    "prefix-mlp15-lr1e-1": dict(kind="prefix", init="demonstrations", lr=1e-1, reparam_hidden=15),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
