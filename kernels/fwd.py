@@ -503,14 +503,12 @@ TMA_MIN_ROWS = 64
 
 def tma_unusable(*tensors: torch.Tensor) -> str | None:
     """Why the forward's K/V tiles cannot come through TMA descriptors, or None where they
-    can: the Triton build has no ``tl.make_tensor_descriptor``, no descriptor scratch
-    allocator can be set, the device is not sm_90 or newer (the interpreter runs descriptors
-    on the CPU), or a tensor's innermost stride is not 1, its address or another stride not a
-    multiple of 16 bytes (TMA's rules)."""
+    can: the Triton build has no ``tl.make_tensor_descriptor``, the device is not sm_90 or
+    newer (the interpreter runs descriptors on the CPU), a tensor's innermost stride is not
+    1 or its address or another stride not a multiple of 16 bytes (TMA's rules), or no
+    scratch allocator for the descriptors can be made sure of. Tensors: ``[..., D]`` each."""
     if not hasattr(tl, "make_tensor_descriptor"):
         return f"Triton {triton.__version__} has no tl.make_tensor_descriptor"
-    if not _allocator_ready():
-        return "a Triton allocator other than ours is set; descriptors need one we can rely on"
     dev = tensors[0].device
     if not interpreting() and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
         return f"TMA needs an sm_90 or newer GPU, got {dev}"
@@ -520,6 +518,8 @@ def tma_unusable(*tensors: torch.Tensor) -> str | None:
             return f"innermost stride {t.stride(-1)} of a {tuple(t.shape)} tensor (TMA needs 1)"
         if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
             return f"a {tuple(t.shape)} tensor with strides {t.stride()} or its address is not 16-byte aligned"
+    if not _allocator_ready():  # last: it sets our allocator where none is
+        return f"cannot tell whether Triton {triton.__version__} has a scratch allocator (runtime._allocation)"
     return None
 
 
@@ -545,16 +545,18 @@ def _scratch(size: int, alignment: int, stream):
 
 def _allocator_ready() -> bool:
     """Make sure Triton has an allocator for the descriptors' scratch: ours is set when none
-    is; a caller's own allocator is kept and used. False where Triton's private allocation
-    module is not what we know (then we cannot tell, and do not use descriptors)."""
+    is; a caller's own allocator is kept and used. Reads Triton's private allocation module
+    (a ContextVar since 3.3, a plain module global before); False where it is neither."""
     try:
         from triton.runtime import _allocation
     except ImportError:
         return False
     current = getattr(_allocation, "_allocator", None)
-    if current is None or not hasattr(current, "get"):
+    current = current.get() if hasattr(current, "get") else current
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or null is None:
         return False
-    if isinstance(current.get(), _allocation.NullAllocator):
+    if isinstance(current, null):
         triton.set_allocator(_scratch)
     return True
 

@@ -236,3 +236,16 @@ def test_tma_refuses_with_the_reason_where_descriptors_cannot_load():
     assert "innermost stride" in tma_unusable(k.transpose(-1, -2), v, pk, pv)
     with pytest.raises(ValueError, match="tma=True.*16-byte"):
         prefix_attention_fwd(q, odd, v, pk, pv, None, True, 32**-0.5, tma=True)
+
+
+def test_tma_keeps_a_callers_allocator_and_sets_one_where_none_is(monkeypatch):
+    import triton
+    from triton.runtime import _allocation
+
+    from reasoncache.kernels import fwd
+
+    mine = lambda size, alignment, stream: torch.empty(size, dtype=torch.int8)
+    triton.set_allocator(mine)
+    assert fwd._allocator_ready() and _allocation._allocator.get() is mine
+    triton.set_allocator(_allocation.NullAllocator())
+    assert fwd._allocator_ready() and _allocation._allocator.get() is fwd._scratch
