@@ -56,6 +56,10 @@ VARIANTS: dict[str, dict] = {
     "prefix-mlp15-lr1e-2": dict(kind="prefix", init="demonstrations", lr=1e-2, reparam_hidden=15),
     "prefix-mlp15-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, reparam_hidden=15),
     "prefix-mlp15-lr1e-1": dict(kind="prefix", init="demonstrations", lr=1e-1, reparam_hidden=15),
+    # with the reparametrization, a position costs only h = 15 parameters (its embedding), so
+    # the prefix can grow at a nearly fixed budget: P=32 185,040, P=64 185,520
+    "prefix-mlp15-p32-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, reparam_hidden=15, prefix_len=32),
+    "prefix-mlp15-p64-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, reparam_hidden=15, prefix_len=64),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
@@ -82,7 +86,7 @@ def run_one(
         model,
         tok,
         train,
-        DEFAULTS["prefix_len"],
+        v.get("prefix_len", DEFAULTS["prefix_len"]),
         v.get("init", "demonstrations"),
         seed=seed,
         sink=v.get("sink", False),
