@@ -133,6 +133,14 @@ def test_task_split_is_disjoint_reproducible_and_self_consistent(task):
     assert len(TASKS) >= 6
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_family_has_enough_distinct_examples_for_a_200_step_study_run(task):
+    """bench quality trains on steps x 8 examples and tests on 200, all distinct: 200 steps
+    need 1,800 (day_of_week once had 406 and could not run at 100 steps)."""
+    train, test = make_split(task, 1600, 200, seed=0)
+    assert len({e.prompt for e in train + test}) == 1800
+
+
 def test_gsm8k_rows_are_detected_and_mapped(tmp_path, capsys):
     rows = [
         {"question": "Ana had 48 clips and sold half. How many are left?",

@@ -65,7 +65,7 @@ _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Su
 def day_of_week(rng: random.Random) -> Example:
     """'Today is Tuesday. What day of the week is it in 17 days?' -> '17 = 2 * 7 + 3. Three
     days after Tuesday is Friday. #### Friday'. The answer is a word."""
-    d, n = rng.randrange(7), rng.randint(3, 60)
+    d, n = rng.randrange(7), rng.randint(3, 400)  # 7 x 398 distinct prompts: enough for the 1,000 of a study run
     weeks, rest = divmod(n, 7)
     day = _DAYS[(d + rest) % 7]
     steps = f"{n} = {weeks} * 7 + {rest}. {rest} days after {_DAYS[d]} is {day}."
