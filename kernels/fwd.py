@@ -526,10 +526,8 @@ def tma_unusable(*tensors: torch.Tensor) -> str | None:
 def _want_tma(tma: bool | None, *tensors: torch.Tensor) -> bool:
     """The launch's ``USE_TMA``: ``tma`` or, for None, ``REASONCACHE_TRITON_TMA=1``; True with
     a reason it cannot run raises (a silent fallback would measure the wrong kernel)."""
-    if tma is None:
-        tma = os.environ.get("REASONCACHE_TRITON_TMA", "0") == "1"
-        if tma and tma_unusable(*tensors) is not None:
-            return False  # the environment asks for every launch; those that cannot, load by pointer
+    if tma is None:  # the environment asks for every launch; those that cannot, load by pointer
+        return os.environ.get("REASONCACHE_TRITON_TMA", "0") == "1" and tma_unusable(*tensors) is None
     if not tma:
         return False
     reason = tma_unusable(*tensors)

@@ -238,7 +238,7 @@ def test_tma_refuses_with_the_reason_where_descriptors_cannot_load():
         prefix_attention_fwd(q, odd, v, pk, pv, None, True, 32**-0.5, tma=True)
 
 
-def test_tma_keeps_a_callers_allocator_and_sets_one_where_none_is(monkeypatch):
+def test_tma_keeps_a_callers_allocator_and_sets_one_where_none_is():
     import triton
     from triton.runtime import _allocation
 
