@@ -60,6 +60,8 @@ VARIANTS: dict[str, dict] = {
     # the prefix can grow at a nearly fixed budget: P=32 185,040, P=64 185,520
     "prefix-mlp15-p32-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, reparam_hidden=15, prefix_len=32),
     "prefix-mlp15-p64-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, reparam_hidden=15, prefix_len=64),
+    # the robustness sweep of issue #12: the default rate (3e-2) times 3; divided by 3 is "prefix"
+    "prefix-lr9e-2": dict(kind="prefix", init="demonstrations", lr=9e-2),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
