@@ -163,6 +163,74 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _cells(rows: list[dict], steps: int, n_test: int) -> dict[tuple, float]:
+    """{(task, variant, seed): accuracy} over the evaluated runs of ``steps`` steps and
+    ``n_test`` test examples; a run recorded twice (two files) counts once, the first."""
+    cells: dict[tuple, float] = {}
+    for r in rows:
+        if r.get("steps") == steps and r.get("n") == n_test and "accuracy" in r:
+            cells.setdefault((r["task"], r["variant"], r["seed"]), r["accuracy"])
+    return cells
+
+
+def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_test: int = 200) -> str:
+    """Markdown: per task, ``prefix`` and ``lora`` accuracy at every seed both ran, their
+    means and the paired differences (prefix minus LoRA, same seed: same data and order),
+    then the mean over the tasks that have all the seeds any task has. Rows: ``run_one``'s."""
+    cells = _cells(rows, steps, n_test)
+    tasks = sorted({t for t, v, _ in cells if v in (prefix, lora)})
+    per_task = {t: sorted(s for tt, v, s in cells if tt == t and v == prefix and (t, lora, s) in cells) for t in tasks}
+    full = max((len(s) for s in per_task.values()), default=0)
+    out = [
+        f"| task | seeds | {prefix} | {lora} | prefix minus LoRA, per seed | mean difference |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    means: list[tuple[float, float, float]] = []
+    for t in tasks:
+        seeds = per_task[t]
+        if not seeds:
+            continue
+        a = [cells[(t, prefix, s)] for s in seeds]
+        b = [cells[(t, lora, s)] for s in seeds]
+        d = [x - y for x, y in zip(a, b)]
+        out.append(
+            f"| {t} | {','.join(map(str, seeds))} | {statistics.mean(a):.3f} | {statistics.mean(b):.3f} "
+            f"| {' / '.join(f'{x:+.3f}' for x in d)} | {statistics.mean(d):+.3f} |"
+        )
+        if len(seeds) == full:
+            means.append((statistics.mean(a), statistics.mean(b), statistics.mean(d)))
+    if means:
+        worst = min(m[2] for m in means)
+        out.append(
+            f"| **mean of {len(means)} tasks** | {full} each | **{statistics.mean(m[0] for m in means):.3f}** "
+            f"| **{statistics.mean(m[1] for m in means):.3f}** | worst task {worst:+.3f} "
+            f"| **{statistics.mean(m[2] for m in means):+.3f}** |"
+        )
+    return "\n".join(out)
+
+
+def sweep_table(rows: list[dict], variants: list[str], seed: int = 0, steps: int = 100, n_test: int = 200) -> str:
+    """Markdown: accuracy of each of ``variants`` (one column each) per task at ``seed``, and
+    the mean over the tasks every variant ran, with its change from the first variant."""
+    cells = _cells(rows, steps, n_test)
+    tasks = sorted({t for t, v, s in cells if v in variants and s == seed})
+    out = ["| task | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    complete = []
+    for t in tasks:
+        accs = [cells.get((t, v, seed)) for v in variants]
+        out.append(f"| {t} | " + " | ".join("-" if a is None else f"{a:.3f}" for a in accs) + " |")
+        if None not in accs:
+            complete.append(accs)
+    if complete:
+        avg = [statistics.mean(c[i] for c in complete) for i in range(len(variants))]
+        out.append(
+            f"| **mean of {len(complete)} tasks** | "
+            + " | ".join(f"**{a:.3f}**" + ("" if i == 0 else f" ({a - avg[0]:+.3f})") for i, a in enumerate(avg))
+            + " |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     from reasoncache.app.tasks import TASKS
 
@@ -176,7 +244,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-test", type=int, default=None, help="test examples per run (default: the demo's 100)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON-lines file the runs append to")
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    ap.add_argument(
+        "--suite", nargs=2, metavar=("PREFIX", "LORA"),
+        help="print the paired per-seed table of two variants over every task in --rows and exit",
+    )  # fmt: skip
+    ap.add_argument(
+        "--sweep", nargs="+", metavar="VARIANT",
+        help="print the accuracy of these variants per task at the first --seeds in --rows and exit",
+    )  # fmt: skip
+    ap.add_argument(
+        "--rows", nargs="+", type=Path, default=None,
+        help="JSON-lines files --suite/--sweep read (default: every bench/results/*.jsonl)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.suite or args.sweep:
+        files = args.rows or sorted((Path("bench") / "results").glob("*.jsonl"))
+        rows = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
+        n_test = args.n_test or 200
+        if args.suite:
+            print(suite_table(rows, *args.suite, steps=args.steps, n_test=n_test))
+        else:
+            print(sweep_table(rows, args.sweep, seed=args.seeds[0], steps=args.steps, n_test=n_test))
+        return
     done = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()] if args.out.exists() else []
     if args.table:
         print(table(done))

@@ -126,6 +126,30 @@ def test_quality_table_aggregates_seeds_and_the_committed_study_has_three_per_va
     assert per and all(seeds == {0, 1, 2} for seeds in per.values())
 
 
+def test_quality_suite_pairs_seeds_and_averages_only_complete_tasks():
+    """The suite table pairs each seed's prefix run with the LoRA run of the same seed, skips
+    runs of another length or test size, and averages the tasks that have every seed."""
+    from reasoncache.bench import quality
+
+    def row(task, variant, seed, acc, steps=100, n=200):
+        return {"task": task, "variant": variant, "seed": seed, "steps": steps, "n": n, "accuracy": acc}
+
+    # the last row repeats a run: a run recorded twice counts once, the first
+    rows = [row("a", "p", 0, 0.5), row("a", "p", 1, 0.7), row("a", "l", 0, 0.6), row("a", "l", 1, 0.6),
+            row("b", "p", 0, 0.9), row("b", "l", 0, 0.8), row("b", "l", 1, 0.1, n=100),
+            row("a", "p", 0, 0.0)]  # fmt: skip
+    lines = quality.suite_table(rows, "p", "l").splitlines()
+    assert lines[2] == "| a | 0,1 | 0.600 | 0.600 | -0.100 / +0.100 | +0.000 |"
+    assert lines[3] == "| b | 0 | 0.900 | 0.800 | +0.100 | +0.100 |"
+    assert lines[4].startswith("| **mean of 1 tasks** | 2 each | **0.600** | **0.600** | worst task +0.000 |")
+    sweep = quality.sweep_table(rows + [row("a", "q", 0, 0.8)], ["p", "q"]).splitlines()
+    assert sweep[2:] == [
+        "| a | 0.500 | 0.800 |",
+        "| b | 0.900 | - |",
+        "| **mean of 1 tasks** | **0.500** | **0.800** (+0.300) |",
+    ]
+
+
 def test_bench_without_the_demo_extra_says_which_package_is_missing(tmp_path, monkeypatch, capsys):
     """Without matplotlib a plot is skipped with one line naming it; without peft, `bench
     train` refuses the PEFT and LoRA baselines with a message saying how to get them."""
