@@ -152,6 +152,26 @@ def test_unsupported_backend_says_why():
         reasoncache.prefix_attention(*tensors, backend="flash")
 
 
+def test_triton_interpreter_refuses_a_numpy_it_cannot_loop_with(monkeypatch):
+    """Triton before 3.7 interprets a loop bound as a one-element array, which numpy 2.4
+    will not turn into an int: the backend says so and how to fix it, instead of failing
+    inside the first kernel."""
+    import numpy
+    import triton
+
+    tensors, _ = make_inputs(Case(Nq=3, Nk=3, P=1, D=8))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    with pytest.raises(reasoncache.BackendUnavailable, match=r"numpy 2\.4\.6 \(fixed in Triton 3\.7\): pip install"):
+        reasoncache.prefix_attention(*tensors, backend="triton")
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert backends._interpreter_reason() is None
+    monkeypatch.setattr(numpy, "__version__", "2.4.0rc1")
+    monkeypatch.setattr(triton, "__version__", "3.7.0+git1a2b")
+    assert backends._interpreter_reason() is None
+
+
 def test_auto_lists_every_reason_when_nothing_fits(monkeypatch):
     q = torch.randn(1, 2, 3, 8)
     monkeypatch.setattr(backends._BACKENDS["torch"], "not_supported_reasons", lambda q: ["pretend it cannot"])

@@ -64,6 +64,28 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    """(3, 6) from "3.6.0", "3.6.0+git1234" or "2.4.0rc1"."""
+    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in version.split(".")[:2]]
+    return parts[0], parts[1] if len(parts) > 1 else 0
+
+
+def _interpreter_reason() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels here, or None: before Triton 3.7 it
+    turns a loop's runtime bound into a one-element numpy array, which numpy 2.4 refuses to
+    convert to an int (every kernel loop fails with "only 0-dimensional arrays can be
+    converted to Python scalars")."""
+    import numpy
+    import triton
+
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (
+            f"Triton {triton.__version__}'s CPU interpreter cannot run kernel loops with numpy {numpy.__version__} "
+            "(fixed in Triton 3.7): pip install 'numpy<2.4'"
+        )
+    return None
+
+
 def _triton_reasons(q: Tensor) -> list[str]:
     reasons = []
     err = _triton_import_error()
@@ -71,6 +93,8 @@ def _triton_reasons(q: Tensor) -> list[str]:
         reasons.append(err)
     if q.device.type != "cuda" and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         reasons.append(f"tensors are on {q.device}; Triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+    elif q.device.type == "cpu" and not err and (why := _interpreter_reason()):
+        reasons.append(why)
     if q.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {q.dtype} is not one of fp16, bf16, fp32")
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
