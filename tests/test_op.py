@@ -307,3 +307,37 @@ def test_kernels_never_import_as_a_top_level_module():
     assert "hub kernels available: False" in res.stdout
     assert "refused: the Triton kernels are reasoncache.kernels" in res.stdout
     assert "reasoncache.kernels.fwd True" in res.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "case, window, pad",
+    [
+        (Case(B=3, Hq=6, Hkv=2, Nq=1, Nk=40, P=5, D=32), None, None),  # decode: no mask is built
+        (Case(B=3, Hq=6, Hkv=2, Nq=1, Nk=40, P=5, D=32), 40, None),  # a window that keeps the whole cache
+        (Case(B=3, Hq=6, Hkv=2, Nq=1, Nk=40, P=5, D=32), 9, None),  # a window that cuts it
+        (Case(B=3, Hq=6, Hkv=2, Nq=1, Nk=40, P=5, D=32, pad="left"), None, "left"),
+        (Case(B=2, Hq=4, Hkv=1, Nq=13, Nk=13, P=4, D=16), None, None),  # prefill: the causal mask
+    ],
+    ids=str,
+)
+def test_torch_backend_cpu_flash_path_matches_fp64_oracle(case, window, pad, dtype):
+    """The torch backend's CPU path (PyTorch's flash kernel around the shared prefix, merged
+    by lse) against the fp64 oracle: forward, lse and the five gradients (no lse gradient,
+    so the backward runs the same path), decode steps included."""
+    from reasoncache.ops import cpu_flash
+
+    tensors, mask = make_inputs(case, dtype=dtype)
+    assert cpu_flash.supported(tensors[0], tensors[3])
+    dout = torch.randn(case.B, case.Hq, case.Nq, case.D)
+    no_dlse = torch.zeros(case.B, case.Hq, case.Nq)
+    ref_out, ref_lse, ref_grads = oracle(tensors, mask, dout, no_dlse, True, window=window)
+    out, lse = reasoncache.prefix_attention(
+        *tensors, key_padding_mask=mask, return_lse=True, sliding_window=window, backend="torch"
+    )
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype and max_err(out, ref_out) < tol and max_err(lse, ref_lse) < 1e-4
+    for g, r in zip(torch.autograd.grad(out, tensors, dout.to(dtype)), ref_grads):
+        assert max_err(g, r) < tol * 4
+    built = cpu_flash._own_mask(tensors[0], tensors[1], mask, True, window or 0)[0] is not None
+    assert built == (pad is not None or case.Nq > 1 or (window or 0) < case.Nk and window is not None)

@@ -36,11 +36,12 @@ def supported(q: Tensor, prefix_k: Tensor) -> bool:
 
 def _own_mask(q, k, kpm, causal, window) -> tuple[Tensor | None, Tensor | None]:
     """Additive mask ``[B|1, 1, G*Nq, Nk]`` in q's dtype for the own-key part and which rows
-    see at least one own key ``[B|1, 1, G*Nq]`` (both None: no mask)."""
+    see at least one own key ``[B|1, 1, G*Nq]`` (both None: every row sees every own key,
+    as a causal decode step does when no window cuts its cache)."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     visible = None
-    if causal:
+    if causal and not (Nq == 1 and (not window or window >= Nk)):
         visible = causal_visibility(Nq, Nk, window, q.device).repeat(Hq // Hkv, 1)[None, None]
     if kpm is not None:
         pad = kpm[:, None, None, :]
@@ -82,6 +83,9 @@ def fwd(q, k, v, pk, pv, kpm, causal, scale, window):
     if seen is not None:  # the kernel's lse for a row with every own key masked is not -inf
         l_own = l_own.masked_fill(~seen, float("-inf"))
     lse = torch.logaddexp(l_pre, l_own)
+    if seen is None:  # every row saw own keys: one lerp by the prefix's share exp(l_pre - lse)
+        out = torch.lerp(o_own.float(), o_pre, torch.sigmoid(l_pre - l_own)[..., None])
+        return out.to(q.dtype).reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)
     w_own = torch.exp(l_own - lse)[..., None]
     own = torch.where(w_own > 0, o_own.float() * w_own, 0.0)  # weight 0: ignore whatever o_own holds
     out = o_pre * torch.exp(l_pre - lse)[..., None] + own
