@@ -79,15 +79,16 @@ def fwd(q, k, v, pk, pv, kpm, causal, scale, window):
     if k.shape[2] == 0:
         return o_pre.to(q.dtype).reshape(B, Hq, Nq, D), l_pre.reshape(B, Hq, Nq).contiguous()
     mask, seen = _own_mask(q, k, kpm, causal, window)
-    if seen is not None and bool(seen.all()):  # on the CPU reading it back costs nothing
-        seen = None
     o_own, l_own = _fwd(qg, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    # A decode step whose every row sees an own key (the readback is free on the CPU): one
+    # lerp by the prefix's share exp(l_pre - lse). Prefill keeps the weighted sum below, so a
+    # padded, a packed and a lone sequence round alike (the trainer's packing check needs it).
+    if Nq == 1 and (seen is None or bool(seen.all())):
+        out = torch.lerp(o_own.float(), o_pre, torch.sigmoid(l_pre - l_own)[..., None])
+        return out.to(q.dtype).reshape(B, Hq, Nq, D), torch.logaddexp(l_pre, l_own).reshape(B, Hq, Nq)
     if seen is not None:  # the kernel's lse for a row with every own key masked is not -inf
         l_own = l_own.masked_fill(~seen, float("-inf"))
     lse = torch.logaddexp(l_pre, l_own)
-    if seen is None:  # every row sees own keys: one lerp by the prefix's share exp(l_pre - lse)
-        out = torch.lerp(o_own.float(), o_pre, torch.sigmoid(l_pre - l_own)[..., None])
-        return out.to(q.dtype).reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)
     w_own = torch.exp(l_own - lse)[..., None]
     own = torch.where(w_own > 0, o_own.float() * w_own, 0.0)  # weight 0: ignore whatever o_own holds
     out = o_pre * torch.exp(l_pre - lse)[..., None] + own
