@@ -176,7 +176,8 @@ def _cells(rows: list[dict], steps: int, n_test: int) -> dict[tuple, float]:
 def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_test: int = 200) -> str:
     """Markdown: per task, ``prefix`` and ``lora`` accuracy at every seed both ran, their
     means and the paired differences (prefix minus LoRA, same seed: same data and order),
-    then the mean over the tasks that have all the seeds any task has. Rows: ``run_one``'s."""
+    then the mean over the tasks that have all the seeds any task has, with the standard error
+    of the mean paired difference over those runs (sd / sqrt(pairs)). Rows: ``run_one``'s."""
     cells = _cells(rows, steps, n_test)
     tasks = sorted({t for t, v, _ in cells if v in (prefix, lora)})
     per_task = {t: sorted(s for tt, v, s in cells if tt == t and v == prefix and (t, lora, s) in cells) for t in tasks}
@@ -186,6 +187,7 @@ def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_te
         "|---|---|---:|---:|---|---:|",
     ]
     means: list[tuple[float, float, float]] = []
+    pairs: list[float] = []  # every paired difference of the complete tasks
     for t in tasks:
         seeds = per_task[t]
         if not seeds:
@@ -199,12 +201,14 @@ def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_te
         )
         if len(seeds) == full:
             means.append((statistics.mean(a), statistics.mean(b), statistics.mean(d)))
+            pairs += d
     if means:
         worst = min(m[2] for m in means)
+        se = f" ± {statistics.stdev(pairs) / len(pairs) ** 0.5:.3f} ({len(pairs)} pairs)" if len(pairs) > 1 else ""
         out.append(
             f"| **mean of {len(means)} tasks** | {full} each | **{statistics.mean(m[0] for m in means):.3f}** "
             f"| **{statistics.mean(m[1] for m in means):.3f}** | worst task {worst:+.3f} "
-            f"| **{statistics.mean(m[2] for m in means):+.3f}** |"
+            f"| **{statistics.mean(m[2] for m in means):+.3f}**{se} |"
         )
     return "\n".join(out)
 

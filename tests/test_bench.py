@@ -141,7 +141,10 @@ def test_quality_suite_pairs_seeds_and_averages_only_complete_tasks():
     lines = quality.suite_table(rows, "p", "l").splitlines()
     assert lines[2] == "| a | 0,1 | 0.600 | 0.600 | -0.100 / +0.100 | +0.000 |"
     assert lines[3] == "| b | 0 | 0.900 | 0.800 | +0.100 | +0.100 |"
-    assert lines[4].startswith("| **mean of 1 tasks** | 2 each | **0.600** | **0.600** | worst task +0.000 |")
+    # the standard error of the mean paired difference: sd(-0.1, +0.1) / sqrt(2) = 0.1
+    assert lines[4] == (
+        "| **mean of 1 tasks** | 2 each | **0.600** | **0.600** | worst task +0.000 | **+0.000** ± 0.100 (2 pairs) |"
+    )
     sweep = quality.sweep_table(rows + [row("a", "q", 0, 0.8)], ["p", "q"]).splitlines()
     assert sweep[2:] == [
         "| a | 0.500 | 0.800 |",
