@@ -1,5 +1,7 @@
 """ReasonCache + patch on tiny random models of every supported architecture (CPU, fp32)."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -17,16 +19,22 @@ def _ids(*shape, seed=1):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cache_from_demonstrations_equals_demonstrations_in_the_prompt(arch):
     model = tiny_model(arch)
-    demo, query = _ids(1, P), _ids(2, N, seed=2)
+    demo, query, step = _ids(1, P), _ids(2, N, seed=2), _ids(2, 1, seed=3)
     with torch.no_grad():
-        want = model(torch.cat([demo.expand(2, -1), query], 1)).logits[:, P:]
+        want = model(torch.cat([demo.expand(2, -1), query, step], 1)).logits[:, P:]
         want_gen = model.generate(torch.cat([demo, query[:1]], 1), max_new_tokens=5, do_sample=False)[:, P + N :]
     cache = ReasonCache.from_demonstrations(model, demo)
     assert reasoncache.patch(model, cache) is model
+    # A hand-written decode step: the KV cache passed back, no position ids, so an
+    # absolute-position model (GPT-2) must read the cache's length under the keyword this
+    # transformers uses (`cache` since 5.24, `past_key_values` before).
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        got = model(query).logits
+        first = model(query, use_cache=True)
+        got_step = model(step, **{kw: getattr(first, kw)}).logits
         got_gen = model.generate(query[:1], max_new_tokens=5, do_sample=False)[:, N:]
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(first.logits, want[:, :N], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_step, want[:, N:], atol=2e-5, rtol=1e-4)
     assert torch.equal(got_gen, want_gen)
 
 

@@ -39,7 +39,7 @@ def _position_offset_hook(offset: int):
         if pos is None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             x = ids if ids is not None else kwargs["inputs_embeds"]
-            past = kwargs.get("past_key_values")
+            past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it `cache`
             start = past.get_seq_length() if past is not None else 0
             pos = torch.arange(start, start + x.shape[1], device=x.device)[None]
         kwargs["position_ids"] = pos + offset
