@@ -183,7 +183,7 @@ def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_te
     per_task = {t: sorted(s for tt, v, s in cells if tt == t and v == prefix and (t, lora, s) in cells) for t in tasks}
     full = max((len(s) for s in per_task.values()), default=0)
     out = [
-        f"| task | seeds | {prefix} | {lora} | prefix minus LoRA, per seed | mean difference |",
+        f"| task | seeds | {prefix} | {lora} | {prefix} minus {lora}, per seed | mean difference |",
         "|---|---|---:|---:|---|---:|",
     ]
     means: list[tuple[float, float, float]] = []
