@@ -62,6 +62,11 @@ VARIANTS: dict[str, dict] = {
     "prefix-mlp15-p64-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, reparam_hidden=15, prefix_len=64),
     # the robustness sweep of issue #12: the default rate (3e-2) times 3; divided by 3 is "prefix"
     "prefix-lr9e-2": dict(kind="prefix", init="demonstrations", lr=9e-2),
+    # a second screen: the worked answers as the initialization (a 16-token prefix cut from a
+    # demonstration holds only the start of its question), and Adam forgetting the large early
+    # gradients sooner (beta2 0.95; 0.999 keeps them in the step-size denominator for the whole run)
+    "prefix-answers-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2),
+    "prefix-b95-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, adam_beta2=0.95),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
@@ -114,6 +119,7 @@ def run_one(
         min_lr_ratio=v.get("min_lr_ratio", 0.0),
         max_grad_norm=v.get("max_grad_norm", 1.0),
         value_lr_ratio=v.get("value_lr_ratio", 1.0),
+        adam_beta2=v.get("adam_beta2", 0.999),
     )
     out_dir = Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
     t0 = time.time()

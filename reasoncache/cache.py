@@ -404,6 +404,8 @@ def build_cache(
 
     ``init="demonstrations"``: the keys and values of training demonstrations (question
     and worked answer as plain text, shuffled by ``seed``), cut to ``prefix_len`` tokens.
+    ``init="answers"``: the same with the worked answers alone, so that a short prefix
+    starts from the answer format rather than the first words of a question.
     ``examples`` are objects with ``prompt`` and ``completion`` strings
     (``reasoncache.app.data.Example``); ``tok`` is the model's tokenizer.
     ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
@@ -412,15 +414,16 @@ def build_cache(
         return ReasonCache.for_model(
             model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled
         )
-    if init != "demonstrations":
-        raise ValueError(f"init must be 'demonstrations', 'random' or 'tokens', got {init!r}")
+    if init not in ("demonstrations", "answers"):
+        raise ValueError(f"init must be 'demonstrations', 'answers', 'random' or 'tokens', got {init!r}")
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
         raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
     order = list(examples)
     random.Random(seed).shuffle(order)
     ids: list[int] = []
     for e in order:
-        ids += tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
+        text = f"{e.completion}\n\n" if init == "answers" else f"{e.prompt}\n{e.completion}\n\n"
+        ids += tok(text, add_special_tokens=False).input_ids
         if len(ids) >= prefix_len:
             break
     if len(ids) < prefix_len:

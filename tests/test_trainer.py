@@ -63,6 +63,29 @@ def test_resume_with_other_settings_says_which(tmp_path):
         Trainer(model, tok, train, cfg, tmp_path, progress=False).train(resume=True)
 
 
+def test_resume_from_a_checkpoint_older_than_a_setting(tmp_path):
+    """A checkpoint written before a TrainConfig field existed held that field's default:
+    it resumes under the default and is refused under another value, naming the field."""
+    model, tok, train, cfg = _setup(steps=3)
+    t = Trainer(model, tok, train, cfg, tmp_path, progress=False)
+    t.train_step()
+    t.save_checkpoint()
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    del state["config"]["adam_beta2"]
+    torch.save(state, tmp_path / CHECKPOINT)
+    model, tok, train, cfg = _setup(steps=3)
+    assert Trainer(model, tok, train, cfg, tmp_path, progress=False).load_checkpoint()
+    model, tok, train, cfg = _setup(steps=3, adam_beta2=0.95)
+    with pytest.raises(ValueError, match=r"adam_beta2: checkpoint 0.999, now 0.95"):
+        Trainer(model, tok, train, cfg, tmp_path, progress=False).load_checkpoint()
+
+
+def test_adam_beta2_reaches_the_optimizer(tmp_path):
+    model, tok, train, cfg = _setup(steps=1, adam_beta2=0.95)
+    t = Trainer(model, tok, train, cfg, tmp_path, progress=False)
+    assert all(g["betas"] == (0.9, 0.95) for g in t.opt.param_groups)
+
+
 def test_gradient_checkpointing_matches(tmp_path):
     model, tok, train, cfg = _setup(steps=2)
     Trainer(model, tok, train, cfg, tmp_path / "a", progress=False).train()
@@ -90,12 +113,29 @@ def test_bad_config():
         TrainConfig(batch_size=0).check()
     with pytest.raises(ValueError, match="lr must be a positive number"):
         TrainConfig(lr=-1.0).check()
+    with pytest.raises(ValueError, match=r"adam_beta2 must be in \(0, 1\), got 1.0"):
+        TrainConfig(adam_beta2=1.0).check()
     model, tok = tiny_model("llama"), tiny_tokenizer()
     train, _ = make_split("arithmetic", 8, 0)
     with pytest.raises(ValueError, match="no trainable parameters"):
         Trainer(model.requires_grad_(False), tok, train, TrainConfig(), "/tmp/unused", progress=False)
     with pytest.raises(ValueError, match="init must be"):
         build_cache(model, tok, train, 4, init="zeros")
+
+
+def test_answers_init_is_the_worked_answers_as_a_demonstration():
+    """init="answers": the prefix is exactly what the model computes for the training
+    examples' worked answers (shuffled by seed, cut to prefix_len) placed before the input."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("arithmetic", 8, 0)
+    cache = build_cache(model, tok, train, 6, init="answers", seed=3)
+    order = list(train)
+    __import__("random").Random(3).shuffle(order)
+    ids = tok(f"{order[0].completion}\n\n", add_special_tokens=False).input_ids[:6]
+    assert len(ids) == 6  # one answer is long enough here: the cut is what is compared
+    want = reasoncache.ReasonCache.from_demonstrations(model, torch.tensor([ids]))
+    assert torch.equal(cache.keys, want.keys) and torch.equal(cache.values, want.values)
+    assert not torch.equal(cache.keys, build_cache(model, tok, train, 6, seed=3).keys)
 
 
 def _free_port() -> int:

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(t)
     _fields_arg(t)
     t.add_argument("--prefix-len", type=int, default=16)
-    t.add_argument("--init", default="demonstrations", choices=["demonstrations", "random", "tokens"])
+    t.add_argument("--init", default="demonstrations", choices=["demonstrations", "answers", "random", "tokens"])
     t.add_argument("--steps", type=int, default=150)
     t.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
     t.add_argument("--grad-accum", type=int, default=1)

@@ -44,6 +44,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     value_lr_ratio: float = 1.0  # a prefix's values learn at lr * this (its keys and everything else at lr)
+    adam_beta2: float = 0.999  # AdamW's second-moment decay; lower forgets the large early gradients sooner
     max_grad_norm: float = 1.0
     seed: int = 0
     length_grouped: bool = True
@@ -73,6 +74,7 @@ class TrainConfig:
         "min_lr_ratio",
         "weight_decay",
         "value_lr_ratio",
+        "adam_beta2",
         "max_grad_norm",
         "seed",
         "length_grouped",
@@ -92,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (self.value_lr_ratio > 0 and math.isfinite(self.value_lr_ratio)):
             raise ValueError(f"value_lr_ratio must be a positive number, got {self.value_lr_ratio!r}")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.objective not in OBJECTIVES:
@@ -262,7 +266,7 @@ class Trainer:
         if values:  # a prefix's values: their own rate, the scheduler scales both groups alike
             groups.append({"params": values, "lr": cfg.lr * cfg.value_lr_ratio})
         groups = [g for g in groups if g["params"]]
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_multiplier(s, cfg))
         self.step = 0
         self._epochs: dict[int, list[list[int]]] = {}
@@ -317,11 +321,12 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = state["config"]
+        # a field added after the checkpoint was written held its default then
+        saved = {**{k: getattr(TrainConfig(), k) for k in TrainConfig.TRAJECTORY}, **state["config"]}
         diffs = [
-            f"{k}: checkpoint {saved.get(k)!r}, now {getattr(self.cfg, k)!r}"
+            f"{k}: checkpoint {saved[k]!r}, now {getattr(self.cfg, k)!r}"
             for k in TrainConfig.TRAJECTORY
-            if saved.get(k) != getattr(self.cfg, k)
+            if saved[k] != getattr(self.cfg, k)
         ]
         if diffs:
             raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(diffs)})")
