@@ -54,6 +54,44 @@ def test_compile_fullgraph_with_inductor():
         assert max_err(g, w) < 1e-5
 
 
+def test_inference_calls_the_backend_directly_and_everything_else_the_custom_op(monkeypatch):
+    """Eager inference skips the custom op's dispatch and gives the same bits; a call that
+    needs autograd, a compile (also without grad) or a fake tensor goes through the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import reasoncache.ops.attention as attention
+
+    tensors, mask = make_inputs(Case(B=2, Hq=4, Hkv=2, Nq=1, Nk=9, P=3, D=16, pad="left"))
+    want = reasoncache.prefix_attention(*tensors, key_padding_mask=mask)
+    calls = []
+    real = attention.prefix_attention_fwd
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(attention, "prefix_attention_fwd", counted)
+    with torch.no_grad():
+        got = reasoncache.prefix_attention(*tensors, key_padding_mask=mask)
+    assert calls == [] and torch.equal(got, want)
+    params = [torch.nn.Parameter(t) for t in tensors[3:]]  # a module's prefix, outside no_grad
+    with torch.no_grad():
+        assert torch.equal(reasoncache.prefix_attention(*tensors[:3], *params, key_padding_mask=mask), want)
+    assert calls == []
+    reasoncache.prefix_attention(*tensors[:3], *params, key_padding_mask=mask)  # the prefix wants a gradient
+    assert calls == [1]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(reasoncache.prefix_attention, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(*tensors, key_padding_mask=mask), want)
+    assert len(calls) > 1  # traced through the custom op
+    before = len(calls)
+    with FakeTensorMode() as mode, torch.no_grad():
+        fake = [mode.from_tensor(t) for t in tensors]
+        assert reasoncache.prefix_attention(*fake).shape == want.shape
+    assert len(calls) == before + 1
+
+
 @pytest.mark.parametrize("window", [None, 7])
 def test_torch_backend_matches_fp64_oracle_with_padding_and_lse_grad(window):
     case = Case(Hq=8, Hkv=2, Nq=11, Nk=23, P=5, D=24, pad="left")

@@ -244,6 +244,9 @@ def resolve(backend: str, q: Tensor) -> tuple[_Backend, bool]:
         if reasons:
             raise BackendUnavailable(f"backend {name!r} cannot run this input: " + "; ".join(reasons))
         return _BACKENDS[name], False
+    for b in _auto_candidates(q):  # the cheap disqualifiers first: this runs on every call
+        if not b.not_supported_reasons(q):
+            return b, True
     all_reasons = []
     for cand in _AUTO_ORDER:
         b = _BACKENDS[cand]
@@ -252,10 +255,16 @@ def resolve(backend: str, q: Tensor) -> tuple[_Backend, bool]:
             reasons = reasons + [f"not verified on {q.device.type} for automatic choice"]
         if (cand, q.device.type, q.dtype, q.shape[-1]) in _failed_auto:
             reasons = reasons + ["failed to compile earlier in this process"]
-        if not reasons:
-            return b, True
         all_reasons.append(f"{cand}: " + "; ".join(reasons))
     raise BackendUnavailable("no backend can run this input:\n  " + "\n  ".join(all_reasons))
+
+
+def _auto_candidates(q: Tensor):
+    """The backends "auto" may pick for ``q``'s device, dtype and head dim, in preference order."""
+    for cand in _AUTO_ORDER:
+        b = _BACKENDS[cand]
+        if q.device.type in b.auto_devices and (cand, q.device.type, q.dtype, q.shape[-1]) not in _failed_auto:
+            yield b
 
 
 def forward(backend: str, q: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
