@@ -67,6 +67,9 @@ VARIANTS: dict[str, dict] = {
     # gradients sooner (beta2 0.95; 0.999 keeps them in the step-size denominator for the whole run)
     "prefix-answers-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2),
     "prefix-b95-lr3e-2": dict(kind="prefix", init="demonstrations", lr=3e-2, adam_beta2=0.95),
+    # the answers initialization's rate divided and multiplied by 3 (the robustness sweep)
+    "prefix-answers-lr1e-2": dict(kind="prefix", init="answers", lr=1e-2),
+    "prefix-answers-lr9e-2": dict(kind="prefix", init="answers", lr=9e-2),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
