@@ -322,7 +322,8 @@ class Trainer:
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
         # a field added after the checkpoint was written held its default then
-        saved = {**{k: getattr(TrainConfig(), k) for k in TrainConfig.TRAJECTORY}, **state["config"]}
+        defaults = TrainConfig()
+        saved = {**{k: getattr(defaults, k) for k in TrainConfig.TRAJECTORY}, **state["config"]}
         diffs = [
             f"{k}: checkpoint {saved[k]!r}, now {getattr(self.cfg, k)!r}"
             for k in TrainConfig.TRAJECTORY

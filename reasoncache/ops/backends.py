@@ -253,17 +253,22 @@ def resolve(backend: str, q: Tensor) -> tuple[_Backend, bool]:
         reasons = b.not_supported_reasons(q)
         if q.device.type not in b.auto_devices:
             reasons = reasons + [f"not verified on {q.device.type} for automatic choice"]
-        if (cand, q.device.type, q.dtype, q.shape[-1]) in _failed_auto:
+        if _auto_key(cand, q) in _failed_auto:
             reasons = reasons + ["failed to compile earlier in this process"]
         all_reasons.append(f"{cand}: " + "; ".join(reasons))
     raise BackendUnavailable("no backend can run this input:\n  " + "\n  ".join(all_reasons))
+
+
+def _auto_key(name: str, q: Tensor) -> tuple:
+    """What ``_failed_auto`` remembers a failed kernel by: backend, device type, dtype, head dim."""
+    return name, q.device.type, q.dtype, q.shape[-1]
 
 
 def _auto_candidates(q: Tensor):
     """The backends "auto" may pick for ``q``'s device, dtype and head dim, in preference order."""
     for cand in _AUTO_ORDER:
         b = _BACKENDS[cand]
-        if q.device.type in b.auto_devices and (cand, q.device.type, q.dtype, q.shape[-1]) not in _failed_auto:
+        if q.device.type in b.auto_devices and _auto_key(cand, q) not in _failed_auto:
             yield b
 
 
@@ -298,7 +303,7 @@ def _call(b: _Backend, auto: bool, which: str, q: Tensor, args: tuple):
     try:
         return fn(*args), b
     except Exception as e:  # noqa: BLE001 - any kernel failure falls back, loudly
-        _failed_auto.add((b.name, q.device.type, q.dtype, q.shape[-1]))
+        _failed_auto.add(_auto_key(b.name, q))
         warnings.warn(
             f"reasoncache: the {b.name} kernel failed ({type(e).__name__}: {e}); "
             "falling back to the PyTorch reference for this input. Pass backend='torch' to silence, "
