@@ -135,7 +135,8 @@ def test_answers_init_is_the_worked_answers_as_a_demonstration():
     assert len(ids) == 6  # one answer is long enough here: the cut is what is compared
     want = reasoncache.ReasonCache.from_demonstrations(model, torch.tensor([ids]))
     assert torch.equal(cache.keys, want.keys) and torch.equal(cache.values, want.values)
-    assert not torch.equal(cache.keys, build_cache(model, tok, train, 6, seed=3).keys)
+    assert torch.equal(build_cache(model, tok, train, 6, seed=3).keys, cache.keys)  # the default
+    assert not torch.equal(cache.keys, build_cache(model, tok, train, 6, init="demonstrations", seed=3).keys)
 
 
 def _free_port() -> int:

@@ -202,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(t)
     _fields_arg(t)
     t.add_argument("--prefix-len", type=int, default=16)
-    t.add_argument("--init", default="demonstrations", choices=["demonstrations", "answers", "random", "tokens"])
+    t.add_argument(
+        "--init",
+        default="answers",
+        choices=["answers", "demonstrations", "random", "tokens"],
+        help="answers: keys/values of training answers (the suite's best, bench/results/quality.md); demonstrations: "
+        "questions and answers",
+    )
     t.add_argument("--steps", type=int, default=150)
     t.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
     t.add_argument("--grad-accum", type=int, default=1)
