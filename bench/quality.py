@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -70,28 +71,34 @@ VARIANTS: dict[str, dict] = {
     # the answers initialization's rate divided and multiplied by 3 (the robustness sweep)
     "prefix-answers-lr1e-2": dict(kind="prefix", init="answers", lr=1e-2),
     "prefix-answers-lr9e-2": dict(kind="prefix", init="answers", lr=9e-2),
+    # do the screens' helpful changes stack? the answers initialization with Adam's beta2 0.95,
+    # and with the MLP reparametrization (each alone helped two_quantities, the family furthest behind)
+    "prefix-answers-b95-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, adam_beta2=0.95),
+    "prefix-answers-mlp15-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, reparam_hidden=15),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
 
 
-def run_one(
-    task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
-) -> dict:
+def run_dir(task: str, variant: str, seed: int) -> Path:
+    """Where ``run_one`` keeps a run's checkpoint (its trained parameters), which ``--errors`` reads."""
+    return Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
+
+
+def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test: int | None):
+    """The run's model (patched with its initial prefix, or wrapped with LoRA), tokenizer,
+    train/test split and trainable-parameter count; the same for ``run_one`` and ``--errors``."""
     from reasoncache import build_cache, patch
     from reasoncache.app.baselines import matched_lora
     from reasoncache.app.demo import DEFAULTS
-    from reasoncache.app.evaluate import evaluate
     from reasoncache.app.models import load_model
     from reasoncache.app.tasks import make_split
-    from reasoncache.app.trainer import TrainConfig, Trainer
 
     v = VARIANTS[variant]
     torch.manual_seed(seed)
     model, tok = load_model(model_path, device="cpu")
-    batch = DEFAULTS["batch_size"]
-    train, test = make_split(task, steps * batch, n_test or DEFAULTS["n_test"], seed)
+    train, test = make_split(task, steps * DEFAULTS["batch_size"], n_test or DEFAULTS["n_test"], seed)
     cache = build_cache(
         model,
         tok,
@@ -106,9 +113,21 @@ def run_one(
     n_prefix = cache.num_trainable_parameters()
     if v["kind"] == "prefix":
         patch(model, cache)
-        trained, n_params = model, n_prefix
-    else:
-        trained, _, n_params = matched_lora(model, n_prefix)
+        return model, tok, train, test, n_prefix
+    trained, _, n_params = matched_lora(model, n_prefix)
+    return trained, tok, train, test, n_params
+
+
+def run_one(
+    task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
+) -> dict:
+    from reasoncache.app.demo import DEFAULTS
+    from reasoncache.app.evaluate import evaluate
+    from reasoncache.app.trainer import TrainConfig, Trainer
+
+    v = VARIANTS[variant]
+    trained, tok, train, test, n_params = _prepare(task, variant, seed, steps, model_path, n_test)
+    batch = DEFAULTS["batch_size"]
     cfg = TrainConfig(
         steps=steps,
         batch_size=batch,
@@ -124,7 +143,7 @@ def run_one(
         value_lr_ratio=v.get("value_lr_ratio", 1.0),
         adam_beta2=v.get("adam_beta2", 0.999),
     )
-    out_dir = Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
+    out_dir = run_dir(task, variant, seed)
     t0 = time.time()
     history = Trainer(trained, tok, train, cfg, out_dir, progress=False).train()
     train_s = time.time() - t0
@@ -145,6 +164,55 @@ def run_one(
         res = evaluate(trained, tok, test, max_new_tokens=DEFAULTS["max_new_tokens"])
         row.update(accuracy=res["accuracy"], n=res["n"])
     return row
+
+
+def solution_steps(text: str) -> list[str]:
+    """A worked solution's steps: its sentences and the ``#### answer`` part.
+    '4 * 6 = 24. 24 - 9 = 15. #### 15' -> ['4 * 6 = 24.', '24 - 9 = 15.', '#### 15']."""
+    return [x for x in re.split(r"(?<=\.)\s+|\s*(?=####)", text.strip()) if x]
+
+
+def first_wrong_step(generation: str, gold: str) -> int:
+    """1-based index of the first step of ``generation`` that differs from the gold worked
+    solution ``gold`` (``len(solution_steps(gold)) + 1`` when every gold step is there)."""
+    got, want = solution_steps(generation), solution_steps(gold)
+    for i, w in enumerate(want):
+        if i >= len(got) or got[i] != w:
+            return i + 1
+    return len(want) + 1
+
+
+def errors(task: str, variant: str, seed: int, *, steps: int, model_path=None, n_test: int | None = None) -> dict:
+    """Re-evaluate a finished ``run_one`` run from its checkpoint (``run_dir``) and count
+    its wrong answers by the first step where the generation leaves the gold solution."""
+    from reasoncache.app.demo import DEFAULTS
+    from reasoncache.app.evaluate import evaluate
+
+    path = run_dir(task, variant, seed) / "checkpoint.pt"
+    if not path.is_file():
+        raise SystemExit(
+            f"--errors: no checkpoint at {path}; train the run first: python -m bench quality --task {task} "
+            f"--variants {variant} --seeds {seed} --steps {steps} --out NEW_FILE"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["step"] != steps:
+        raise SystemExit(f"--errors: {path} is at step {state['step']}, not --steps {steps}")
+    trained, tok, _, test, _ = _prepare(task, variant, seed, steps, model_path, n_test)
+    named = dict(trained.named_parameters())
+    if set(state["trainable"]) - set(named):
+        raise SystemExit(f"--errors: {path} holds parameters this variant does not have (another run's?)")
+    with torch.no_grad():
+        for n, value in state["trainable"].items():
+            named[n].copy_(value)
+    trained.eval()
+    res = evaluate(trained, tok, test, max_new_tokens=DEFAULTS["max_new_tokens"])
+    where: dict[int, int] = {}
+    for ex, p in zip(test, res["predictions"]):
+        if not p["correct"]:
+            k = first_wrong_step(p["generation"], ex.completion)
+            where[k] = where.get(k, 0) + 1
+    return {"task": task, "variant": variant, "seed": seed, "accuracy": res["accuracy"], "n": res["n"],
+            "first_wrong_step": dict(sorted(where.items())), "solution": test[0].completion}  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -266,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
         help="print the accuracy of these variants per task at the first --seeds in --rows and exit",
     )  # fmt: skip
     ap.add_argument(
+        "--errors", action="store_true",
+        help="re-evaluate finished runs from their checkpoints and print where their wrong answers go wrong",
+    )  # fmt: skip
+    ap.add_argument(
         "--rows", nargs="+", type=Path, default=None,
         help="JSON-lines files --suite/--sweep read (default: every bench/results/*.jsonl)",
     )  # fmt: skip
@@ -278,6 +350,20 @@ def main(argv: list[str] | None = None) -> None:
             print(suite_table(rows, *args.suite, steps=args.steps, n_test=n_test))
         else:
             print(sweep_table(rows, args.sweep, seed=args.seeds[0], steps=args.steps, n_test=n_test))
+        return
+    if args.errors:
+        print("| task | variant | seed | accuracy | wrong | wrong answers by first wrong step | a gold solution |")
+        print("|---|---|---:|---:|---:|---|---|")
+        for seed in args.seeds:
+            for task in args.task:
+                for variant in args.variants:
+                    e = errors(task, variant, seed, steps=args.steps, model_path=args.model, n_test=args.n_test)
+                    where = ", ".join(f"step {k}: {c}" for k, c in e["first_wrong_step"].items())
+                    print(
+                        f"| {task} | {variant} | {seed} | {e['accuracy']:.3f} | {sum(e['first_wrong_step'].values())} "
+                        f"| {where} | `{e['solution']}` |",
+                        flush=True,
+                    )
         return
     done = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()] if args.out.exists() else []
     if args.table:

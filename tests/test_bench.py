@@ -153,6 +153,25 @@ def test_quality_suite_pairs_seeds_and_averages_only_complete_tasks():
     ]
 
 
+def test_first_wrong_step_locates_where_a_generation_leaves_the_worked_solution():
+    """Steps are sentences plus the '#### answer' part; a wrong subtraction is step 2, a
+    missing or altered final line is step 3, and the gold solution itself is past them all."""
+    from reasoncache.app.tasks import make_split
+    from reasoncache.bench import quality
+
+    gold = "4 * 6 = 24. 24 - 9 = 15. #### 15"
+    assert quality.solution_steps(gold) == ["4 * 6 = 24.", "24 - 9 = 15.", "#### 15"]
+    assert quality.first_wrong_step("4 * 6 = 24. 24 - 9 = 13. #### 13", gold) == 2
+    assert quality.first_wrong_step("4 * 6 = 30. 30 - 9 = 21. #### 21", gold) == 1
+    assert quality.first_wrong_step("4 * 6 = 24. 24 - 9 = 15.", gold) == 3
+    assert quality.first_wrong_step("4 * 6 = 24. 24 - 9 = 15. #### 15 pencils", gold) == 3
+    assert quality.first_wrong_step(gold, gold) == 4
+    for task in ("count_items", "day_of_week", "unit_conversion"):  # every family's solutions split into steps
+        (ex,), _ = make_split(task, 1, 0, seed=1)
+        parts = quality.solution_steps(ex.completion)
+        assert parts[-1].startswith("####") and " ".join(parts) == ex.completion
+
+
 def test_bench_without_the_demo_extra_says_which_package_is_missing(tmp_path, monkeypatch, capsys):
     """Without matplotlib a plot is skipped with one line naming it; without peft, `bench
     train` refuses the PEFT and LoRA baselines with a message saying how to get them."""
