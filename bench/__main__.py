@@ -1,12 +1,14 @@
-"""``python -m bench {kernel|decode|train|quality|audit|smoke} ...``; ``--help`` after a suite lists its options."""
+"""``python -m bench {kernel|decode|generate|train|quality|audit|smoke} ...``; ``--help`` after a suite
+lists its options."""
 
 import sys
 
-from . import audit, decode, kernel, quality, smoke, train
+from . import audit, decode, generate, kernel, quality, smoke, train
 
 SUITES = {
     "kernel": kernel.main,
     "decode": decode.main,
+    "generate": generate.main,
     "train": train.main,
     "quality": quality.main,
     "audit": audit.main,

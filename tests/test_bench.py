@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from reasoncache.bench import common, kernel
 
@@ -170,6 +171,20 @@ def test_first_wrong_step_locates_where_a_generation_leaves_the_worked_solution(
         (ex,), _ = make_split(task, 1, 0, seed=1)
         parts = quality.solution_steps(ex.completion)
         assert parts[-1].startswith("####") and " ".join(parts) == ex.completion
+
+
+def test_generate_bench_times_exactly_the_asked_tokens_and_names_a_bad_argument(capsys):
+    """bench generate forces the number of new tokens (an early end-of-sequence would time a
+    shorter run), and refuses a non-positive count naming the flag, before loading a model."""
+    from reasoncache.bench import generate
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 5, 7, 9]])
+    assert generate._best_s(model, ids, 5, reps=2) > 0
+    with pytest.raises(SystemExit):
+        generate.main(["--new-tokens", "0"])
+    assert "--new-tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_without_the_demo_extra_says_which_package_is_missing(tmp_path, monkeypatch, capsys):
