@@ -75,6 +75,10 @@ VARIANTS: dict[str, dict] = {
     # and with the MLP reparametrization (each alone helped two_quantities, the family furthest behind)
     "prefix-answers-b95-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, adam_beta2=0.95),
     "prefix-answers-mlp15-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, reparam_hidden=15),
+    # NOT at equal parameters: does more prefix capacity close two_quantities' gap to LoRA?
+    # P=32 and P=64 hold 2x and 4x the default's 184,320 parameters (LoRA: 172,800)
+    "prefix-answers-p32-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, prefix_len=32),
+    "prefix-answers-p64-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, prefix_len=64),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
