@@ -122,6 +122,17 @@ def two_quantities(rng: random.Random) -> Example:
                    str(total - give))  # fmt: skip
 
 
+def mean_of_three(rng: random.Random) -> Example:
+    """'What is the average of 12, 18 and 27?' -> '12 + 18 = 30. 30 + 27 = 57. 57 / 3 = 19.
+    #### 19'. Added after the recipe study as a family nobody tuned on: two additions, then
+    a division (the third number is nudged so that the sum divides by 3)."""
+    a, b, c = rng.randint(10, 60), rng.randint(10, 60), rng.randint(10, 60)
+    c += -(a + b + c) % 3
+    total = a + b + c
+    steps = f"{a} + {b} = {a + b}. {a + b} + {c} = {total}. {total} / 3 = {total // 3}."
+    return Example(f"What is the average of {a}, {b} and {c}?", f"{steps} #### {total // 3}", str(total // 3))
+
+
 TASKS = {
     "arithmetic": arithmetic_chain,
     "digit_sum": digit_sum,
@@ -130,6 +141,7 @@ TASKS = {
     "count_items": count_items,
     "compare_sums": compare_sums,
     "two_quantities": two_quantities,
+    "mean_of_three": mean_of_three,
 }
 
 
