@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +88,7 @@ DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
 
 def run_dir(task: str, variant: str, seed: int) -> Path:
     """Where ``run_one`` keeps a run's checkpoint (its trained parameters), which ``--errors`` reads."""
-    return Path("/tmp") / f"reasoncache_quality_{task}_{variant}_{seed}"
+    return Path(tempfile.gettempdir()) / f"reasoncache_quality_{task}_{variant}_{seed}"
 
 
 def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test: int | None):
