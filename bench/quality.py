@@ -123,19 +123,16 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
     return trained, tok, train, test, n_params
 
 
-def run_one(
-    task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
-) -> dict:
+def _train_config(variant: str, seed: int, steps: int):
+    """The TrainConfig of a study run of ``variant``: the same for ``run_one`` and ``--errors``
+    (whose checkpoint must have been written under it)."""
     from reasoncache.app.demo import DEFAULTS
-    from reasoncache.app.evaluate import evaluate
-    from reasoncache.app.trainer import TrainConfig, Trainer
+    from reasoncache.app.trainer import TrainConfig
 
     v = VARIANTS[variant]
-    trained, tok, train, test, n_params = _prepare(task, variant, seed, steps, model_path, n_test)
-    batch = DEFAULTS["batch_size"]
-    cfg = TrainConfig(
+    return TrainConfig(
         steps=steps,
-        batch_size=batch,
+        batch_size=DEFAULTS["batch_size"],
         lr=v["lr"],
         seed=seed,
         eval_at_end=False,
@@ -148,6 +145,19 @@ def run_one(
         value_lr_ratio=v.get("value_lr_ratio", 1.0),
         adam_beta2=v.get("adam_beta2", 0.999),
     )
+
+
+def run_one(
+    task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
+) -> dict:
+    from reasoncache.app.demo import DEFAULTS
+    from reasoncache.app.evaluate import evaluate
+    from reasoncache.app.trainer import Trainer
+
+    v = VARIANTS[variant]
+    trained, tok, train, test, n_params = _prepare(task, variant, seed, steps, model_path, n_test)
+    batch = DEFAULTS["batch_size"]
+    cfg = _train_config(variant, seed, steps)
     out_dir = run_dir(task, variant, seed)
     t0 = time.time()
     history = Trainer(trained, tok, train, cfg, out_dir, progress=False).train()
@@ -192,6 +202,7 @@ def errors(task: str, variant: str, seed: int, *, steps: int, model_path=None, n
     its wrong answers by the first step where the generation leaves the gold solution."""
     from reasoncache.app.demo import DEFAULTS
     from reasoncache.app.evaluate import evaluate
+    from reasoncache.app.trainer import Trainer
 
     path = run_dir(task, variant, seed) / "checkpoint.pt"
     if not path.is_file():
@@ -199,16 +210,15 @@ def errors(task: str, variant: str, seed: int, *, steps: int, model_path=None, n
             f"--errors: no checkpoint at {path}; train the run first: python -m bench quality --task {task} "
             f"--variants {variant} --seeds {seed} --steps {steps} --out NEW_FILE"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["step"] != steps:
-        raise SystemExit(f"--errors: {path} is at step {state['step']}, not --steps {steps}")
-    trained, tok, _, test, _ = _prepare(task, variant, seed, steps, model_path, n_test)
-    named = dict(trained.named_parameters())
-    if set(state["trainable"]) - set(named):
-        raise SystemExit(f"--errors: {path} holds parameters this variant does not have (another run's?)")
-    with torch.no_grad():
-        for n, value in state["trainable"].items():
-            named[n].copy_(value)
+    trained, tok, train, test, _ = _prepare(task, variant, seed, steps, model_path, n_test)
+    # the Trainer's own resume: it refuses a checkpoint of other settings or other parameters
+    trainer = Trainer(trained, tok, train, _train_config(variant, seed, steps), path.parent, progress=False)
+    try:
+        trainer.load_checkpoint()
+    except ValueError as e:
+        raise SystemExit(f"--errors: {e}") from e
+    if trainer.step != steps:
+        raise SystemExit(f"--errors: {path} is at step {trainer.step}, not --steps {steps}")
     trained.eval()
     res = evaluate(trained, tok, test, max_new_tokens=DEFAULTS["max_new_tokens"])
     where: dict[int, int] = {}

@@ -388,6 +388,10 @@ class ReasonCacheBank(nn.Module):
         return f"{len(self.caches)} caches of P={self.prefix_len}"
 
 
+# build_cache's initializations, the default first (the CLI's --init offers the same)
+INITS = ("answers", "demonstrations", "random", "tokens")
+
+
 def build_cache(
     model: nn.Module,
     tok,
@@ -411,12 +415,12 @@ def build_cache(
     (``reasoncache.app.data.Example``); ``tok`` is the model's tokenizer.
     ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
     """
+    if init not in INITS:
+        raise ValueError(f"init must be 'demonstrations', 'answers', 'random' or 'tokens', got {init!r}")
     if init in ("random", "tokens"):
         return ReasonCache.for_model(
             model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled
         )
-    if init not in ("demonstrations", "answers"):
-        raise ValueError(f"init must be 'demonstrations', 'answers', 'random' or 'tokens', got {init!r}")
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
         raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
     order = list(examples)

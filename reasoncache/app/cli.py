@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cache import CONFIG_NAME
+from ..cache import CONFIG_NAME, INITS
 
 
 def _fields_arg(p: argparse.ArgumentParser) -> None:
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--init",
         default="answers",
-        choices=["answers", "demonstrations", "random", "tokens"],
+        choices=INITS,
         help="answers: keys/values of training answers (the suite's best, bench/results/quality.md); demonstrations: "
         "questions and answers",
     )
