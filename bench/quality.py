@@ -86,9 +86,10 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
 
 
-def run_dir(task: str, variant: str, seed: int) -> Path:
-    """Where ``run_one`` keeps a run's checkpoint (its trained parameters), which ``--errors`` reads."""
-    return Path(tempfile.gettempdir()) / f"reasoncache_quality_{task}_{variant}_{seed}"
+def run_dir(task: str, variant: str, seed: int, steps: int) -> Path:
+    """Where ``run_one`` keeps a run's checkpoint (its trained parameters), which ``--errors`` reads;
+    one folder per (task, variant, seed, steps), so a longer run does not overwrite a shorter one's."""
+    return Path(tempfile.gettempdir()) / f"reasoncache_quality_{task}_{variant}_{seed}_{steps}"
 
 
 def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test: int | None):
@@ -158,7 +159,7 @@ def run_one(
     trained, tok, train, test, n_params = _prepare(task, variant, seed, steps, model_path, n_test)
     batch = DEFAULTS["batch_size"]
     cfg = _train_config(variant, seed, steps)
-    out_dir = run_dir(task, variant, seed)
+    out_dir = run_dir(task, variant, seed, steps)
     t0 = time.time()
     history = Trainer(trained, tok, train, cfg, out_dir, progress=False).train()
     train_s = time.time() - t0
@@ -204,7 +205,7 @@ def errors(task: str, variant: str, seed: int, *, steps: int, model_path=None, n
     from reasoncache.app.evaluate import evaluate
     from reasoncache.app.trainer import Trainer
 
-    path = run_dir(task, variant, seed) / "checkpoint.pt"
+    path = run_dir(task, variant, seed, steps) / "checkpoint.pt"
     if not path.is_file():
         raise SystemExit(
             f"--errors: no checkpoint at {path}; train the run first: python -m bench quality --task {task} "
