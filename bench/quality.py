@@ -80,6 +80,10 @@ VARIANTS: dict[str, dict] = {
     # P=32 and P=64 hold 2x and 4x the default's 184,320 parameters (LoRA: 172,800)
     "prefix-answers-p32-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, prefix_len=32),
     "prefix-answers-p64-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, prefix_len=64),
+    # two passes over half the examples: run at --steps 200, these train on the same 800 examples
+    # (and test on the same 200) as a 100-step run, so they tell more steps from more data
+    "prefix-answers-2ep-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, epochs=2),
+    "lora-2ep-lr5e-3": dict(kind="lora", lr=5e-3, epochs=2),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
@@ -92,6 +96,20 @@ def run_dir(task: str, variant: str, seed: int, steps: int) -> Path:
     return Path(tempfile.gettempdir()) / f"reasoncache_quality_{task}_{variant}_{seed}_{steps}"
 
 
+def split(task: str, variant: str, seed: int, steps: int, n_test: int | None = None) -> tuple[list, list]:
+    """A run's training and test examples: ``steps`` batches of 8 / the variant's ``epochs``
+    distinct training examples (each seen ``epochs`` times), then ``n_test`` test examples.
+    Runs with the same number of training examples share both sets (``make_split``)."""
+    from reasoncache.app.demo import DEFAULTS
+    from reasoncache.app.tasks import make_split
+
+    epochs = VARIANTS[variant].get("epochs", 1)
+    seen = steps * DEFAULTS["batch_size"]
+    if seen % epochs:
+        raise SystemExit(f"--steps {steps}: {variant} makes {epochs} passes, so {seen} examples must divide by them")
+    return make_split(task, seen // epochs, n_test or DEFAULTS["n_test"], seed)
+
+
 def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test: int | None):
     """The run's model (patched with its initial prefix, or wrapped with LoRA), tokenizer,
     train/test split and trainable-parameter count; the same for ``run_one`` and ``--errors``."""
@@ -99,12 +117,11 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
     from reasoncache.app.baselines import matched_lora
     from reasoncache.app.demo import DEFAULTS
     from reasoncache.app.models import load_model
-    from reasoncache.app.tasks import make_split
 
     v = VARIANTS[variant]
     torch.manual_seed(seed)
     model, tok = load_model(model_path, device="cpu")
-    train, test = make_split(task, steps * DEFAULTS["batch_size"], n_test or DEFAULTS["n_test"], seed)
+    train, test = split(task, variant, seed, steps, n_test)
     cache = build_cache(
         model,
         tok,
