@@ -85,6 +85,9 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-2ep-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, epochs=2),
     "lora-2ep-lr5e-3": dict(kind="lora", lr=5e-3, epochs=2),
     "lora-2ep-lr2e-3": dict(kind="lora", lr=2e-3, epochs=2),  # LoRA's grid at two passes
+    # twice the steps at the same examples and the same compute: batch 4, run at --steps 200
+    "prefix-answers-b4-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4),
+    "lora-b4-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=4),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
@@ -98,14 +101,14 @@ def run_dir(task: str, variant: str, seed: int, steps: int) -> Path:
 
 
 def split(task: str, variant: str, seed: int, steps: int, n_test: int | None = None) -> tuple[list, list]:
-    """A run's training and test examples: ``steps`` batches of 8 / the variant's ``epochs``
-    distinct training examples (each seen ``epochs`` times), then ``n_test`` test examples.
+    """A run's training and test examples: ``steps`` x batch (8, or the variant's ``batch_size``)
+    examples seen, so that / ``epochs`` distinct training examples, then ``n_test`` test examples.
     Runs with the same number of training examples share both sets (``make_split``)."""
     from reasoncache.app.demo import DEFAULTS
     from reasoncache.app.tasks import make_split
 
     epochs = VARIANTS[variant].get("epochs", 1)
-    seen = steps * DEFAULTS["batch_size"]
+    seen = steps * VARIANTS[variant].get("batch_size", DEFAULTS["batch_size"])
     if seen % epochs:
         raise SystemExit(f"--steps {steps}: {variant} makes {epochs} passes, so {seen} examples must divide by them")
     return make_split(task, seen // epochs, n_test or DEFAULTS["n_test"], seed)
@@ -151,7 +154,7 @@ def _train_config(variant: str, seed: int, steps: int):
     v = VARIANTS[variant]
     return TrainConfig(
         steps=steps,
-        batch_size=DEFAULTS["batch_size"],
+        batch_size=v.get("batch_size", DEFAULTS["batch_size"]),
         lr=v["lr"],
         seed=seed,
         eval_at_end=False,
@@ -175,7 +178,7 @@ def run_one(
 
     v = VARIANTS[variant]
     trained, tok, train, test, n_params = _prepare(task, variant, seed, steps, model_path, n_test)
-    batch = DEFAULTS["batch_size"]
+    batch = v.get("batch_size", DEFAULTS["batch_size"])
     cfg = _train_config(variant, seed, steps)
     out_dir = run_dir(task, variant, seed, steps)
     t0 = time.time()

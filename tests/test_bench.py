@@ -174,14 +174,15 @@ def test_first_wrong_step_locates_where_a_generation_leaves_the_worked_solution(
 
 
 def test_a_two_pass_variant_trains_and_tests_on_what_a_one_pass_run_of_half_the_steps_does():
-    """The 2-epoch variants at 200 steps see 800 distinct examples twice: the same training and
-    test examples as a 100-step one-pass run, so the two are paired on one test set; a step
+    """The 2-epoch variants at 200 steps see 800 distinct examples twice, the batch-4 ones once:
+    the same training and test examples as a 100-step one-pass run, so the two are paired on one test set; a step
     count whose examples do not divide into the passes is refused, naming --steps."""
     from reasoncache.bench import quality
 
     two = quality.split("two_quantities", "prefix-answers-2ep-lr3e-2", seed=1, steps=200, n_test=20)
     one = quality.split("two_quantities", "lora-lr5e-3", seed=1, steps=100, n_test=20)
     assert len(two[0]) == 800 and two == one
+    assert quality.split("two_quantities", "prefix-answers-b4-lr3e-2", seed=1, steps=200, n_test=20) == one
     assert len(quality.split("two_quantities", "lora-lr5e-3", seed=1, steps=200, n_test=20)[0]) == 1600
     quality.VARIANTS["_three_passes"] = dict(kind="lora", lr=5e-3, epochs=3)
     try:
