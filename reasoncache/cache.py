@@ -416,7 +416,7 @@ def build_cache(
     ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
     """
     if init not in INITS:
-        raise ValueError(f"init must be 'demonstrations', 'answers', 'random' or 'tokens', got {init!r}")
+        raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     if init in ("random", "tokens"):
         return ReasonCache.for_model(
             model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled
