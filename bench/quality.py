@@ -178,7 +178,6 @@ def run_one(
 
     v = VARIANTS[variant]
     trained, tok, train, test, n_params = _prepare(task, variant, seed, steps, model_path, n_test)
-    batch = v.get("batch_size", DEFAULTS["batch_size"])
     cfg = _train_config(variant, seed, steps)
     out_dir = run_dir(task, variant, seed, steps)
     t0 = time.time()
@@ -191,7 +190,7 @@ def run_one(
         "config": v,
         "seed": seed,
         "steps": steps,
-        "batch_size": batch,
+        "batch_size": cfg.batch_size,
         "trainable_params": n_params,
         "train_s": round(train_s, 1),
         "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
