@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--task", nargs="+", default=["arithmetic"], choices=sorted(TASKS))
     ap.add_argument("--variants", nargs="+", default=["lora", "prefix"], choices=sorted(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=100, help="training steps of batch 8 (the demo's 100)")
+    ap.add_argument(
+        "--steps", type=int, default=100, help="training steps of batch 8 or of the variant's batch_size (demo: 100)"
+    )
     ap.add_argument("--no-eval", action="store_true", help="train only and record the loss (a quick screen)")
     ap.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--n-test", type=int, default=None, help="test examples per run (default: the demo's 100)")
