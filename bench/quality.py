@@ -88,7 +88,9 @@ VARIANTS: dict[str, dict] = {
     # twice the steps at the same examples and the same compute: batch 4, run at --steps 200
     "prefix-answers-b4-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4),
     "lora-b4-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=4),
-    "lora-b4-lr2e-3": dict(kind="lora", lr=2e-3, batch_size=4),  # LoRA's grid at batch 4 (half the batch, a lower rate)
+    # each method's rate grid at batch 4: half the batch is noisier, so a lower rate may suit either
+    "prefix-answers-b4-lr1e-2": dict(kind="prefix", init="answers", lr=1e-2, batch_size=4),
+    "lora-b4-lr2e-3": dict(kind="lora", lr=2e-3, batch_size=4),
 }
 
 # relative to the working directory: run from the repository root, it appends to the committed results
