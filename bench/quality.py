@@ -293,18 +293,20 @@ def _cells(rows: list[dict], steps: int, n_test: int) -> dict[tuple, float]:
 def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_test: int = 200) -> str:
     """Markdown: per task, ``prefix`` and ``lora`` accuracy at every seed both ran, their
     means and the paired differences (prefix minus LoRA, same seed: same data and order),
-    then the mean over the tasks that have all the seeds any task has, with the standard error
-    of the mean paired difference over those runs (sd / sqrt(pairs)). Rows: ``run_one``'s."""
+    then the mean over every task at the seeds all tasks share (a task run at more seeds adds
+    only those to it, so each task weighs the same), with the standard error of the mean paired
+    difference over those runs (sd / sqrt(pairs)). Rows: ``run_one``'s."""
     cells = _cells(rows, steps, n_test)
     tasks = sorted({t for t, v, _ in cells if v in (prefix, lora)})
     per_task = {t: sorted(s for tt, v, s in cells if tt == t and v == prefix and (t, lora, s) in cells) for t in tasks}
-    full = max((len(s) for s in per_task.values()), default=0)
+    ran = [set(s) for s in per_task.values() if s]
+    common = sorted(set.intersection(*ran)) if ran else []
     out = [
         f"| task | seeds | {prefix} | {lora} | {prefix} minus {lora}, per seed | mean difference |",
         "|---|---|---:|---:|---|---:|",
     ]
     means: list[tuple[float, float, float]] = []
-    pairs: list[float] = []  # every paired difference of the complete tasks
+    pairs: list[float] = []  # every paired difference at the shared seeds
     for t in tasks:
         seeds = per_task[t]
         if not seeds:
@@ -316,14 +318,17 @@ def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_te
             f"| {t} | {','.join(map(str, seeds))} | {statistics.mean(a):.3f} | {statistics.mean(b):.3f} "
             f"| {' / '.join(f'{x:+.3f}' for x in d)} | {statistics.mean(d):+.3f} |"
         )
-        if len(seeds) == full:
-            means.append((statistics.mean(a), statistics.mean(b), statistics.mean(d)))
-            pairs += d
+        if common:
+            dc = [cells[(t, prefix, s)] - cells[(t, lora, s)] for s in common]
+            ac, bc = ([cells[(t, v, s)] for s in common] for v in (prefix, lora))
+            means.append((statistics.mean(ac), statistics.mean(bc), statistics.mean(dc)))
+            pairs += dc
     if means:
         worst = min(m[2] for m in means)
+        seeds_common = ",".join(map(str, common))
         se = f" ± {statistics.stdev(pairs) / len(pairs) ** 0.5:.3f} ({len(pairs)} pairs)" if len(pairs) > 1 else ""
         out.append(
-            f"| **mean of {len(means)} tasks** | {full} each | **{statistics.mean(m[0] for m in means):.3f}** "
+            f"| **mean of {len(means)} tasks** | {seeds_common} each | **{statistics.mean(m[0] for m in means):.3f}** "
             f"| **{statistics.mean(m[1] for m in means):.3f}** | worst task {worst:+.3f} "
             f"| **{statistics.mean(m[2] for m in means):+.3f}**{se} |"
         )

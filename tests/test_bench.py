@@ -127,9 +127,10 @@ def test_quality_table_aggregates_seeds_and_the_committed_study_has_three_per_va
     assert per and all(seeds == {0, 1, 2} for seeds in per.values())
 
 
-def test_quality_suite_pairs_seeds_and_averages_only_complete_tasks():
+def test_quality_suite_pairs_seeds_and_averages_every_task_at_the_shared_seeds():
     """The suite table pairs each seed's prefix run with the LoRA run of the same seed, skips
-    runs of another length or test size, and averages the tasks that have every seed."""
+    runs of another length or test size, and averages every task at the seeds all tasks ran,
+    so a task with extra seeds neither drops out nor weighs more."""
     from reasoncache.bench import quality
 
     def row(task, variant, seed, acc, steps=100, n=200):
@@ -142,9 +143,16 @@ def test_quality_suite_pairs_seeds_and_averages_only_complete_tasks():
     lines = quality.suite_table(rows, "p", "l").splitlines()
     assert lines[2] == "| a | 0,1 | 0.600 | 0.600 | -0.100 / +0.100 | +0.000 |"
     assert lines[3] == "| b | 0 | 0.900 | 0.800 | +0.100 | +0.100 |"
+    # both tasks at seed 0, the only seed both ran: a's -0.1 and b's +0.1;
     # the standard error of the mean paired difference: sd(-0.1, +0.1) / sqrt(2) = 0.1
     assert lines[4] == (
-        "| **mean of 1 tasks** | 2 each | **0.600** | **0.600** | worst task +0.000 | **+0.000** ± 0.100 (2 pairs) |"
+        "| **mean of 2 tasks** | 0 each | **0.700** | **0.700** | worst task -0.100 | **+0.000** ± 0.100 (2 pairs) |"
+    )
+    # with b's seed 1 too, the mean covers both seeds of both tasks: pairs -0.1, +0.1, +0.1, +0.2,
+    # sd 0.126, over sqrt(4)
+    lines = quality.suite_table(rows + [row("b", "p", 1, 0.4), row("b", "l", 1, 0.2)], "p", "l").splitlines()
+    assert lines[4] == (
+        "| **mean of 2 tasks** | 0,1 each | **0.625** | **0.550** | worst task +0.000 | **+0.075** ± 0.063 (4 pairs) |"
     )
     sweep = quality.sweep_table(rows + [row("a", "q", 0, 0.8)], ["p", "q"]).splitlines()
     assert sweep[2:] == [
