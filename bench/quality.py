@@ -280,13 +280,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _cells(rows: list[dict], steps: int, n_test: int) -> dict[tuple, float]:
-    """{(task, variant, seed): accuracy} over the evaluated runs of ``steps`` steps and
-    ``n_test`` test examples; a run recorded twice (two files) counts once, the first."""
+def _cells(rows: list[dict], labels: list[str], steps: int, n_test: int) -> dict[tuple, float]:
+    """{(task, label, seed): accuracy} over the evaluated runs of ``n_test`` test examples.
+    A label is a variant, run for ``steps`` steps, or ``VARIANT@STEPS`` (to set runs of
+    different lengths side by side, e.g. batch 8 x 100 against batch 4 x 200). A run
+    recorded twice (two files) counts once, the first."""
+    want: dict[tuple, str] = {}
+    for label in labels:
+        name, at, n = label.partition("@")
+        if at and not n.isdigit():
+            raise ValueError(f"variant label {label!r}: expected VARIANT or VARIANT@STEPS with an integer STEPS")
+        want[(name, int(n) if at else steps)] = label
     cells: dict[tuple, float] = {}
     for r in rows:
-        if r.get("steps") == steps and r.get("n") == n_test and "accuracy" in r:
-            cells.setdefault((r["task"], r["variant"], r["seed"]), r["accuracy"])
+        label = want.get((r.get("variant"), r.get("steps")))
+        if label and r.get("n") == n_test and "accuracy" in r:
+            cells.setdefault((r["task"], label, r["seed"]), r["accuracy"])
     return cells
 
 
@@ -296,8 +305,8 @@ def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_te
     then the mean over every task at the seeds all tasks share (a task run at more seeds adds
     only those to it, so each task weighs the same), with the standard error of the mean paired
     difference over those runs (sd / sqrt(pairs)). Rows: ``run_one``'s."""
-    cells = _cells(rows, steps, n_test)
-    tasks = sorted({t for t, v, _ in cells if v in (prefix, lora)})
+    cells = _cells(rows, [prefix, lora], steps, n_test)
+    tasks = sorted({t for t, _, _ in cells})
     per_task = {t: sorted(s for tt, v, s in cells if tt == t and v == prefix and (t, lora, s) in cells) for t in tasks}
     ran = [set(s) for s in per_task.values() if s]
     common = sorted(set.intersection(*ran)) if ran else []
@@ -338,8 +347,8 @@ def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_te
 def sweep_table(rows: list[dict], variants: list[str], seed: int = 0, steps: int = 100, n_test: int = 200) -> str:
     """Markdown: accuracy of each of ``variants`` (one column each) per task at ``seed``, and
     the mean over the tasks every variant ran, with its change from the first variant."""
-    cells = _cells(rows, steps, n_test)
-    tasks = sorted({t for t, v, s in cells if v in variants and s == seed})
+    cells = _cells(rows, variants, steps, n_test)
+    tasks = sorted({t for t, _, s in cells if s == seed})
     out = ["| task | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
     complete = []
     for t in tasks:
@@ -374,11 +383,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
     ap.add_argument(
         "--suite", nargs=2, metavar=("PREFIX", "LORA"),
-        help="print the paired per-seed table of two variants over every task in --rows and exit",
+        help="print the paired per-seed table of two variants over every task in --rows and exit "
+        "(VARIANT@STEPS: that variant's runs of STEPS steps instead of --steps)",
     )  # fmt: skip
     ap.add_argument(
         "--sweep", nargs="+", metavar="VARIANT",
-        help="print the accuracy of these variants per task at the first --seeds in --rows and exit",
+        help="print the accuracy of these variants per task at the first --seeds in --rows and exit "
+        "(VARIANT@STEPS as for --suite)",
     )  # fmt: skip
     ap.add_argument(
         "--errors", action="store_true",
@@ -390,6 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     args = ap.parse_args(argv)
     if args.suite or args.sweep:
+        for label in args.suite or args.sweep:
+            name, at, n = label.partition("@")
+            if name not in VARIANTS or (at and not n.isdigit()):
+                ap.error(f"--suite/--sweep {label!r}: expected VARIANT or VARIANT@STEPS of {sorted(VARIANTS)}")
         files = args.rows or sorted((Path("bench") / "results").glob("*.jsonl"))
         rows = [json.loads(x) for f in files for x in f.read_text().splitlines() if x.strip()]
         n_test = args.n_test or 200

@@ -154,6 +154,15 @@ def test_quality_suite_pairs_seeds_and_averages_every_task_at_the_shared_seeds()
     assert lines[4] == (
         "| **mean of 2 tasks** | 0,1 each | **0.625** | **0.550** | worst task +0.000 | **+0.075** ± 0.063 (4 pairs) |"
     )
+    # VARIANT@STEPS sets runs of another length beside --steps' runs; a bad label is refused
+    longer = [row("a", "l", 0, 0.9, steps=200), row("b", "l", 0, 0.7, steps=200)]
+    assert quality.suite_table(rows + longer, "p", "l@200").splitlines()[-1] == (
+        "| **mean of 2 tasks** | 0 each | **0.700** | **0.800** | worst task -0.400 | **-0.100** ± 0.300 (2 pairs) |"
+    )
+    with pytest.raises(ValueError, match="VARIANT@STEPS"):
+        quality.suite_table(rows, "p", "l@x")
+    with pytest.raises(SystemExit):
+        quality.main(["--suite", "p", "no-such-variant"])
     sweep = quality.sweep_table(rows + [row("a", "q", 0, 0.8)], ["p", "q"]).splitlines()
     assert sweep[2:] == [
         "| a | 0.500 | 0.800 |",
