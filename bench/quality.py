@@ -84,7 +84,6 @@ VARIANTS: dict[str, dict] = {
     # (and test on the same 200) as a 100-step run, so they tell more steps from more data
     "prefix-answers-2ep-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, epochs=2),
     "lora-2ep-lr5e-3": dict(kind="lora", lr=5e-3, epochs=2),
-    "lora-2ep-lr2e-3": dict(kind="lora", lr=2e-3, epochs=2),  # LoRA's grid at two passes
     # twice the steps at the same examples and the same compute: batch 4, run at --steps 200
     "prefix-answers-b4-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4),
     "lora-b4-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=4),
