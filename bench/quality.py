@@ -91,7 +91,13 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-lr1e-2": dict(kind="prefix", init="answers", lr=1e-2, batch_size=4),
     "lora-b4-lr2e-3": dict(kind="lora", lr=2e-3, batch_size=4),
     "lora-b4-lr1e-2": dict(kind="lora", lr=1e-2, batch_size=4),  # 5e-3 beat 2e-3 at batch 4: the grid's top edge
+    # the robustness sweep at batch 4: the prefix's rate times 3 (divided by 3 is prefix-answers-b4-lr1e-2)
+    "prefix-answers-b4-lr9e-2": dict(kind="prefix", init="answers", lr=9e-2, batch_size=4),
 }
+
+# The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
+# not read from the demo's DEFAULTS, so that a variant's runs mean the same whatever the demo uses.
+STUDY_BATCH = 8
 
 # relative to the working directory: run from the repository root, it appends to the committed results
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
@@ -111,7 +117,7 @@ def split(task: str, variant: str, seed: int, steps: int, n_test: int | None = N
     from reasoncache.app.tasks import make_split
 
     epochs = VARIANTS[variant].get("epochs", 1)
-    seen = steps * VARIANTS[variant].get("batch_size", DEFAULTS["batch_size"])
+    seen = steps * VARIANTS[variant].get("batch_size", STUDY_BATCH)
     if seen % epochs:
         raise SystemExit(f"--steps {steps}: {variant} makes {epochs} passes, so {seen} examples must divide by them")
     return make_split(task, seen // epochs, n_test or DEFAULTS["n_test"], seed)
@@ -157,7 +163,7 @@ def _train_config(variant: str, seed: int, steps: int):
     v = VARIANTS[variant]
     return TrainConfig(
         steps=steps,
-        batch_size=v.get("batch_size", DEFAULTS["batch_size"]),
+        batch_size=v.get("batch_size", STUDY_BATCH),
         lr=v["lr"],
         seed=seed,
         eval_at_end=False,
