@@ -229,3 +229,18 @@ def test_train_fsdp_under_torchrun_takes_the_single_process_steps(workspace, cap
     capsys.readouterr()
     assert main(_train_args(root, model, tmp_path / "alone", "--fsdp")) == 2
     assert "--fsdp shards the model over processes: launch with torchrun" in capsys.readouterr().err
+
+
+def test_train_cli_trainconfig_and_demo_share_one_default_recipe():
+    """`reasoncache train` with no flags, `TrainConfig()` and the demo use one recipe (batch,
+    learning rate, initialization, prefix length; the CLI and TrainConfig also the same steps):
+    a default changed in one place alone fails here."""
+    from reasoncache.app.cli import build_parser
+    from reasoncache.app.demo import DEFAULTS
+    from reasoncache.app.trainer import TrainConfig
+
+    args = build_parser().parse_args(["train", "--data", "d.jsonl", "--out", "o"])
+    cfg = TrainConfig()
+    assert (args.batch_size, args.lr, args.steps) == (cfg.batch_size, cfg.lr, cfg.steps)
+    assert (args.batch_size, args.lr) == (DEFAULTS["batch_size"], DEFAULTS["prefix_lr"])
+    assert (args.init, args.prefix_len) == (DEFAULTS["prefix_init"], DEFAULTS["prefix_len"])
