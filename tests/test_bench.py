@@ -167,7 +167,7 @@ def test_quality_suite_pairs_seeds_and_averages_every_task_at_the_shared_seeds()
     assert sweep[2:] == [
         "| a | 0.500 | 0.800 |",
         "| b | 0.900 | - |",
-        "| **mean of 1 tasks** | **0.500** | **0.800** (+0.300) |",
+        "| **mean of 1 task** | **0.500** | **0.800** (+0.300) |",
     ]
 
 
