@@ -93,6 +93,11 @@ VARIANTS: dict[str, dict] = {
     "lora-b4-lr1e-2": dict(kind="lora", lr=1e-2, batch_size=4),  # 5e-3 beat 2e-3 at batch 4: the grid's top edge
     # the robustness sweep at batch 4: the prefix's rate times 3 (divided by 3 is prefix-answers-b4-lr1e-2)
     "prefix-answers-b4-lr9e-2": dict(kind="prefix", init="answers", lr=9e-2, batch_size=4),
+    # a screen past the new default on the two families still behind at batch 4: batch 2 (run at --steps
+    # 400: the same 800 examples and compute again), and Adam's beta2 at 0.95 at batch 4
+    "prefix-answers-b2-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=2),
+    "lora-b2-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=2),
+    "prefix-answers-b4-b95-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, adam_beta2=0.95),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
