@@ -290,6 +290,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _mean_of(n: int) -> str:
+    """The label of a table's mean row over ``n`` tasks."""
+    return f"mean of {n} task{'s' * (n != 1)}"
+
+
 def _cells(rows: list[dict], labels: list[str], steps: int, n_test: int) -> dict[tuple, float]:
     """{(task, label, seed): accuracy} over the evaluated runs of ``n_test`` test examples.
     A label is a variant, run for ``steps`` steps, or ``VARIANT@STEPS`` (to set runs of
@@ -346,9 +351,8 @@ def suite_table(rows: list[dict], prefix: str, lora: str, steps: int = 100, n_te
         worst = min(m[2] for m in means)
         seeds_common = ",".join(map(str, common))
         se = f" ± {statistics.stdev(pairs) / len(pairs) ** 0.5:.3f} ({len(pairs)} pairs)" if len(pairs) > 1 else ""
-        n_tasks = f"{len(means)} task{'s' * (len(means) != 1)}"
         out.append(
-            f"| **mean of {n_tasks}** | {seeds_common} each | **{statistics.mean(m[0] for m in means):.3f}** "
+            f"| **{_mean_of(len(means))}** | {seeds_common} each | **{statistics.mean(m[0] for m in means):.3f}** "
             f"| **{statistics.mean(m[1] for m in means):.3f}** | worst task {worst:+.3f} "
             f"| **{statistics.mean(m[2] for m in means):+.3f}**{se} |"
         )
@@ -370,7 +374,7 @@ def sweep_table(rows: list[dict], variants: list[str], seed: int = 0, steps: int
     if complete:
         avg = [statistics.mean(c[i] for c in complete) for i in range(len(variants))]
         out.append(
-            f"| **mean of {len(complete)} task{'s' * (len(complete) != 1)}** | "
+            f"| **{_mean_of(len(complete))}** | "
             + " | ".join(f"**{a:.3f}**" + ("" if i == 0 else f" ({a - avg[0]:+.3f})") for i, a in enumerate(avg))
             + " |"
         )
