@@ -35,8 +35,8 @@ DEFAULTS = dict(
     # 200 steps of batch 4 over 800 examples: twice the optimizer steps of batch 8 at the same examples and
     # compute raised both methods' suite mean by 0.035 (bench/results/quality.md, "Batch 4 at three seeds")
     steps=200,
-    batch_size=4,
-    prefix_lr=3e-2,  # 1e-2 trailed LoRA; see bench/results/quality.md
+    batch_size=TrainConfig.batch_size,  # the recipe of `reasoncache train` and TrainConfig, from one place
+    prefix_lr=TrainConfig.lr,  # 3e-2; 1e-2 trailed LoRA, see bench/results/quality.md
     lora_lr=5e-3,  # LoRA's best of its own grid 1e-3..1e-2 (issue #12 study), never the prefix's recipe
     curve_points=4,
     curve_n=40,
