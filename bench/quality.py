@@ -98,6 +98,11 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b2-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=2),
     "lora-b2-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=2),
     "prefix-answers-b4-b95-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, adam_beta2=0.95),
+    # values at 3x the keys' rate at batch 4 (the values carry what a prefix adds to each head's output)
+    "prefix-answers-b4-v3-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, value_lr_ratio=3.0),
+    # the moving average of the trained parameters (TrainConfig.ema_decay), each method at its batch-4 recipe
+    "prefix-answers-b4-ema99-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, ema_decay=0.99),
+    "lora-b4-ema99-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=4, ema_decay=0.99),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
@@ -180,6 +185,7 @@ def _train_config(variant: str, seed: int, steps: int):
         max_grad_norm=v.get("max_grad_norm", 1.0),
         value_lr_ratio=v.get("value_lr_ratio", 1.0),
         adam_beta2=v.get("adam_beta2", 0.999),
+        ema_decay=v.get("ema_decay", 0.0),
     )
 
 
@@ -254,6 +260,7 @@ def errors(task: str, variant: str, seed: int, *, steps: int, model_path=None, n
         raise SystemExit(f"--errors: {e}") from e
     if trainer.step != steps:
         raise SystemExit(f"--errors: {path} is at step {trainer.step}, not --steps {steps}")
+    trainer.hold_average()  # what run_one evaluated, where the variant keeps a moving average
     trained.eval()
     res = evaluate(trained, tok, test, max_new_tokens=DEFAULTS["max_new_tokens"])
     where: dict[int, int] = {}

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import reasoncache
 from reasoncache import build_cache
 from reasoncache.app.tasks import make_split
-from reasoncache.app.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, lr_multiplier
+from reasoncache.app.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, ema_decay_at, lr_multiplier
 from tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -106,6 +106,43 @@ def test_value_lr_ratio_moves_values_at_their_own_rate(tmp_path):
     assert dk == pytest.approx(cfg.lr, rel=1e-3) and dv == pytest.approx(4 * cfg.lr, rel=1e-3)
 
 
+def test_ema_is_the_moving_average_of_the_trained_prefix_and_the_model_ends_there(tmp_path):
+    model, tok, train, cfg = _setup(steps=4, ema_decay=0.5)
+    t = Trainer(model, tok, train, cfg, tmp_path, progress=False)
+    want = model.reasoncache.keys.detach().clone()
+    for step in range(1, 5):
+        t.train_step()
+        d = min(0.5, (1 + step) / (10 + step))
+        assert ema_decay_at(step, 0.5) == d
+        want = d * want + (1 - d) * model.reasoncache.keys.detach()
+    raw = model.reasoncache.keys.detach().clone()
+    assert not torch.allclose(raw, want)  # the average lags the trained prefix
+    keys = [n for n, _ in t.params].index("reasoncache.keys")
+    torch.testing.assert_close(t.ema[keys], want)
+    with t.averaged():  # what evaluation sees
+        torch.testing.assert_close(model.reasoncache.keys.detach(), want)
+    assert torch.equal(model.reasoncache.keys.detach(), raw)  # training goes on from its own parameters
+    t.train()  # already at cfg.steps: no step runs, the model takes the average
+    torch.testing.assert_close(model.reasoncache.keys.detach(), want)
+
+
+def test_resume_continues_the_moving_average_exactly(tmp_path):
+    model, tok, train, cfg = _setup(steps=6, ema_decay=0.9)
+    Trainer(model, tok, train, cfg, tmp_path / "full", progress=False).train()
+    want = model.reasoncache.keys.detach().clone()
+    model, tok, train, cfg = _setup(steps=6, ema_decay=0.9)
+    t = Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False)
+    while t.step < 3:
+        t.train_step()
+    t.save_checkpoint()
+    model, tok, train, cfg = _setup(steps=6, ema_decay=0.9)
+    Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False).train(resume=True)
+    assert torch.equal(model.reasoncache.keys.detach(), want)
+    model, tok, train, cfg = _setup(steps=6)  # the same checkpoint without the average is refused
+    with pytest.raises(ValueError, match=r"ema_decay: checkpoint 0.9, now 0.0"):
+        Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False).load_checkpoint()
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="value_lr_ratio must be a positive number"):
         TrainConfig(value_lr_ratio=0.0).check()
@@ -115,6 +152,8 @@ def test_bad_config():
         TrainConfig(lr=-1.0).check()
     with pytest.raises(ValueError, match=r"adam_beta2 must be in \(0, 1\), got 1.0"):
         TrainConfig(adam_beta2=1.0).check()
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\) \(0: off\), got 1.0"):
+        TrainConfig(ema_decay=1.0).check()
     model, tok = tiny_model("llama"), tiny_tokenizer()
     train, _ = make_split("arithmetic", 8, 0)
     with pytest.raises(ValueError, match="no trainable parameters"):

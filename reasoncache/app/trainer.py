@@ -46,6 +46,7 @@ class TrainConfig:
     value_lr_ratio: float = 1.0  # a prefix's values learn at lr * this (its keys and everything else at lr)
     adam_beta2: float = 0.999  # AdamW's second-moment decay; lower forgets the large early gradients sooner
     max_grad_norm: float = 1.0
+    ema_decay: float = 0.0  # > 0: the model ends (and is evaluated) at this moving average of its trained parameters
     seed: int = 0
     length_grouped: bool = True
     gradient_checkpointing: bool = False
@@ -76,6 +77,7 @@ class TrainConfig:
         "value_lr_ratio",
         "adam_beta2",
         "max_grad_norm",
+        "ema_decay",
         "seed",
         "length_grouped",
         "max_len",
@@ -96,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"value_lr_ratio must be a positive number, got {self.value_lr_ratio!r}")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"adam_beta2 must be in (0, 1), got {self.adam_beta2!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.objective not in OBJECTIVES:
@@ -113,6 +117,13 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / warm
     t = (step - warm) / max(1, cfg.steps - warm)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The moving average's decay after optimizer step ``step`` (1-based): ``decay``, held
+    lower early on as ``(1 + step) / (10 + step)`` so that the average follows training
+    from its first steps instead of dwelling on the initialization."""
+    return min(decay, (1 + step) / (10 + step))
 
 
 def world() -> tuple[int, int]:
@@ -268,6 +279,8 @@ class Trainer:
         groups = [g for g in groups if g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_multiplier(s, cfg))
+        # the moving average (cfg.ema_decay) of the trainable parameters, in fp32
+        self.ema = [p.detach().float().clone() for _, p in self.params] if cfg.ema_decay else None
         self.step = 0
         self._epochs: dict[int, list[list[int]]] = {}
         self.history: list[dict] = []
@@ -307,6 +320,7 @@ class Trainer:
         state = {
             "step": self.step,
             "trainable": {n: p.detach().cpu().clone() for n, p in self.params},
+            "ema": None if self.ema is None else {n: a.cpu().clone() for (n, _), a in zip(self.params, self.ema)},
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": torch.get_rng_state(),
@@ -339,6 +353,8 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.params:
                 p.copy_(state["trainable"][n])
+        if self.ema is not None:  # ema_decay matched above, so the checkpoint holds the average
+            self.ema = [state["ema"][n].to(a.device) for (n, _), a in zip(self.params, self.ema)]
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -415,25 +431,59 @@ class Trainer:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            d = ema_decay_at(self.step, self.cfg.ema_decay)
+            with torch.no_grad():
+                for (_, p), a in zip(self.params, self.ema):
+                    a.lerp_(p.detach().float(), 1 - d)
         return float(loss_sum) / tokens
 
+    def hold_average(self) -> None:
+        """Leave the moving average of the trained parameters in the model (``train`` does
+        this when it ends; the checkpoint keeps both); without ``ema_decay``, nothing changes."""
+        if self.ema is not None:
+            with torch.no_grad():
+                for (_, p), a in zip(self.params, self.ema):
+                    p.copy_(a)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """The model holds the moving average of its trained parameters inside this block
+        (its trained parameters again after it); without ``ema_decay``, nothing changes."""
+        if self.ema is None:
+            yield
+            return
+        raw = [p.detach().clone() for _, p in self.params]
+        with torch.no_grad():
+            for (_, p), a in zip(self.params, self.ema):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, p), r in zip(self.params, raw):
+                    p.copy_(r)
+
     def evaluate(self, limit: int | None = None) -> dict:
+        """Accuracy on ``eval_examples`` (the first ``limit``), with the moving average of the
+        parameters where ``ema_decay`` keeps one."""
         from .evaluate import evaluate
 
         examples = self.eval_examples[:limit] if limit else self.eval_examples
         was = self.model.training
         self.model.eval()
         try:
-            res = evaluate(
-                self.model,
-                self.tok,
-                examples,
-                max_new_tokens=self.cfg.max_new_tokens,
-                chat_template=self.cfg.chat_template,
-                answer_pattern=self.cfg.answer_pattern,
-                progress=self.progress,
-                synced_gpus=self.sharded,
-            )
+            with self.averaged():
+                res = evaluate(
+                    self.model,
+                    self.tok,
+                    examples,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                    chat_template=self.cfg.chat_template,
+                    answer_pattern=self.cfg.answer_pattern,
+                    progress=self.progress,
+                    synced_gpus=self.sharded,
+                )
         finally:
             self.model.train(was)
         return res
@@ -482,4 +532,5 @@ class Trainer:
                 self.save_checkpoint()
             self._maybe_eval()
         bar.close()
+        self.hold_average()
         return self.history
