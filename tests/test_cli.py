@@ -244,3 +244,29 @@ def test_train_cli_trainconfig_and_demo_share_one_default_recipe():
     assert (args.batch_size, args.lr, args.steps) == (cfg.batch_size, cfg.lr, cfg.steps)
     assert (args.batch_size, args.lr) == (DEFAULTS["batch_size"], DEFAULTS["prefix_lr"])
     assert (args.init, args.prefix_len) == (DEFAULTS["prefix_init"], DEFAULTS["prefix_len"])
+    assert args.ema_decay == cfg.ema_decay
+
+
+def test_train_with_ema_decay_saves_the_moving_average(workspace, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    root, model = workspace
+    out = tmp_path / "run"
+    args = ["train", "--data", str(root / "train.jsonl"), "--out", str(out), "--model", model]
+    assert main(args + ["--steps", "3", "--batch-size", "2", "--prefix-len", "4", "--ema-decay", "0.5"]) == 0
+    saved = load_file(str(out / "cache" / "reasoncache.safetensors"))
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["config"]["ema_decay"] == 0.5
+    assert torch.equal(saved["keys"], state["ema"]["reasoncache.keys"])
+    assert not torch.equal(saved["keys"], state["trainable"]["reasoncache.keys"])  # not the last step's
+
+
+def test_train_ema_decay_out_of_range_names_the_flag(capsys):
+    from reasoncache.app.cli import build_parser
+
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--data", "d.jsonl", "--out", "o", "--ema-decay", bad])
+        assert "argument --ema-decay:" in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "--data", "d", "--out", "o", "--ema-decay", "0.99"]).ema_decay == 0.99

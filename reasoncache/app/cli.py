@@ -23,6 +23,17 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
 
 
+def _ema_decay(text: str) -> float:
+    """``--ema-decay``: a number in [0, 1); argparse names the flag when it is not."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) (0: off), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0: off), got {text}")
+    return v
+
+
 def _device(arg: str | None) -> str:
     import torch
 
@@ -72,6 +83,7 @@ def cmd_train(args) -> int:
         eval_every=args.eval_every,
         eval_limit=args.eval_limit,
         max_new_tokens=args.max_new_tokens,
+        ema_decay=args.ema_decay,
         chat_template=not args.no_chat_template,
         checkpoint_every=args.checkpoint_every,
         answer_pattern=args.answer_pattern,
@@ -219,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=3e-2, help="peak learning rate (3e-2: the prefix study in bench/results/quality.md)"
     )
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--ema-decay", type=_ema_decay, default=0.0,
+        help="keep this moving average of the trained prefix and save it (0: off, the last step's prefix)",
+    )  # fmt: skip
     t.add_argument("--sink", action="store_true", help="keep prefix position 0 frozen (attention sink)")
     t.add_argument("--reparam-hidden", type=int, default=0, help="MLP reparametrization width (0: off)")
     t.add_argument(
