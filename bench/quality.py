@@ -103,6 +103,8 @@ VARIANTS: dict[str, dict] = {
     # the moving average of the trained parameters (TrainConfig.ema_decay), each method at its batch-4 recipe
     "prefix-answers-b4-ema99-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, ema_decay=0.99),
     "lora-b4-ema99-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=4, ema_decay=0.99),
+    # per layer and head rates: keys and values learned in units of their initial RMS (rms_scaled), at batch 4
+    "prefix-answers-b4-rms-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, rms_scaled=True),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
