@@ -119,13 +119,6 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """The moving average's decay after optimizer step ``step`` (1-based): ``decay``, held
-    lower early on as ``(1 + step) / (10 + step)`` so that the average follows training
-    from its first steps instead of dwelling on the initialization."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 def world() -> tuple[int, int]:
     """(rank, world size); starts the process group under torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -279,8 +272,9 @@ class Trainer:
         groups = [g for g in groups if g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_multiplier(s, cfg))
-        # the moving average (cfg.ema_decay) of the trainable parameters, in fp32
-        self.ema = [p.detach().float().clone() for _, p in self.params] if cfg.ema_decay else None
+        # the moving average (cfg.ema_decay) of the trained parameters: fp32 sums from zero, which
+        # _average() divides by 1 - decay^step (Adam's bias correction), so no weight stays on the init
+        self.ema = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params] if cfg.ema_decay else None
         self.step = 0
         self._epochs: dict[int, list[list[int]]] = {}
         self.history: list[dict] = []
@@ -432,18 +426,26 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         if self.ema is not None:
-            d = ema_decay_at(self.step, self.cfg.ema_decay)
             with torch.no_grad():
                 for (_, p), a in zip(self.params, self.ema):
-                    a.lerp_(p.detach().float(), 1 - d)
+                    a.lerp_(p.detach().float(), 1 - self.cfg.ema_decay)
         return float(loss_sum) / tokens
+
+    def _average(self) -> list[torch.Tensor]:
+        """The moving average after ``step`` steps: ``sum_t (1 - d) d^(step - t) p_t / (1 - d^step)``
+        over the parameters ``p_t`` after each step ``t``, ``d = ema_decay``; the parameters
+        themselves before the first step."""
+        if self.step == 0:
+            return [p.detach().float() for _, p in self.params]
+        c = 1 - self.cfg.ema_decay**self.step
+        return [a / c for a in self.ema]
 
     def hold_average(self) -> None:
         """Leave the moving average of the trained parameters in the model (``train`` does
         this when it ends; the checkpoint keeps both); without ``ema_decay``, nothing changes."""
         if self.ema is not None:
             with torch.no_grad():
-                for (_, p), a in zip(self.params, self.ema):
+                for (_, p), a in zip(self.params, self._average()):
                     p.copy_(a)
 
     @contextlib.contextmanager
@@ -454,9 +456,7 @@ class Trainer:
             yield
             return
         raw = [p.detach().clone() for _, p in self.params]
-        with torch.no_grad():
-            for (_, p), a in zip(self.params, self.ema):
-                p.copy_(a)
+        self.hold_average()
         try:
             yield
         finally:
