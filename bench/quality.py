@@ -105,6 +105,8 @@ VARIANTS: dict[str, dict] = {
     "lora-b4-ema99-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=4, ema_decay=0.99),
     # per layer and head rates: keys and values learned in units of their initial RMS (rms_scaled), at batch 4
     "prefix-answers-b4-rms-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, rms_scaled=True),
+    # NOT at equal parameters: P=64 (737,280, 4x) at batch 4, to tell a recipe gap from what a prefix can hold
+    "prefix-answers-b4-p64-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=64),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
