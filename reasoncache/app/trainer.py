@@ -1,6 +1,7 @@
 """Training a prefix (or any small set of trainable parameters) on demonstrations.
 
-AdamW, linear warmup + cosine decay, gradient accumulation, bf16 autocast on GPU,
+AdamW, linear warmup + cosine decay, an optional moving average of the trained
+parameters (``ema_decay``), gradient accumulation, bf16 autocast on GPU,
 gradient checkpointing, length-grouped batches, atomic checkpoints with exact resume,
 and data parallelism over ``torch.distributed`` (launch with ``torchrun``; gloo on CPU,
 NCCL on GPU), the frozen model optionally sharded by FSDP2 (``app/sharding.py``). The
