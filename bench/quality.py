@@ -100,9 +100,9 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-b95-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, adam_beta2=0.95),
     # values at 3x the keys' rate at batch 4 (the values carry what a prefix adds to each head's output)
     "prefix-answers-b4-v3-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, value_lr_ratio=3.0),
-    # the moving average of the trained parameters (TrainConfig.ema_decay), each method at its batch-4 recipe
+    # the moving average of the trained parameters (TrainConfig.ema_decay) at batch 4; LoRA would get it
+    # too had it helped the prefix (it did not, quality.md)
     "prefix-answers-b4-ema99-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, ema_decay=0.99),
-    "lora-b4-ema99-lr5e-3": dict(kind="lora", lr=5e-3, batch_size=4, ema_decay=0.99),
     # per layer and head rates: keys and values learned in units of their initial RMS (rms_scaled), at batch 4
     "prefix-answers-b4-rms-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, rms_scaled=True),
     # NOT at equal parameters: P=64 (737,280, 4x) at batch 4, to tell a recipe gap from what a prefix can hold
