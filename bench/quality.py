@@ -107,6 +107,13 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-rms-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, rms_scaled=True),
     # NOT at equal parameters: P=64 (737,280, 4x) at batch 4, to tell a recipe gap from what a prefix can hold
     "prefix-answers-b4-p64-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=64),
+    # the prefix's length at the same parameter budget: P=32 on half the layers (184,320, as P=16 on all 30)
+    "prefix-answers-b4-p32upper-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=32, layers="upper"
+    ),
+    "prefix-answers-b4-p32alt-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=32, layers="alternate"
+    ),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
@@ -115,6 +122,73 @@ STUDY_BATCH = 8
 
 # relative to the working directory: run from the repository root, it appends to the committed results
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
+
+
+LAYER_SUBSETS = ("upper", "lower", "alternate")
+
+
+def layer_subset(which: str, num_layers: int) -> list[int]:
+    """The layers a variant's ``layers=`` keeps a prefix on: ``"upper"`` (the top half),
+    ``"lower"`` (the bottom half) or ``"alternate"`` (0, 2, 4, ...); each is half of them."""
+    half = num_layers // 2
+    subsets = {
+        "upper": list(range(num_layers - half, num_layers)),
+        "lower": list(range(half)),
+        "alternate": list(range(0, num_layers, 2))[:half],
+    }
+    if which not in subsets:
+        raise ValueError(f"layers must be one of {LAYER_SUBSETS}, got {which!r}")
+    return subsets[which]
+
+
+class LayerSubset(torch.nn.Module):
+    """A prefix on some layers only; the other layers attend to no prefix (P=0). The study's
+    way to trade layers for prefix length at a fixed parameter budget, through ``patch``'s
+    cache interface (``layer``, ``check_compatible``, ``position_offset``).
+
+    ``full``: a ``ReasonCache`` of every layer (its keys and values ``[L, Hkv, P, D]``);
+    ``layers``: the layer indices to keep, whose keys and values become a ``ReasonCache`` of
+    ``len(layers)`` layers (``self.inner``: the trainable parameters, ``len(layers) x Hkv x P x D``
+    each for keys and values)."""
+
+    def __init__(self, full, layers: list[int]):
+        import dataclasses
+
+        from reasoncache import ReasonCache
+
+        super().__init__()
+        n = full.shape.num_layers
+        if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
+            raise ValueError(f"layers must be distinct indices in [0, {n}), got {layers!r}")
+        keys, values = full.tensors()
+        sub = dataclasses.replace(full.shape, num_layers=len(layers))
+        self.inner = ReasonCache(
+            sub, keys[layers], values[layers], model_fingerprint=full.model_fingerprint,
+            position_offset=full.position_offset,
+        )  # fmt: skip
+        self.full_shape = full.shape
+        self.position_offset = full.position_offset
+        self.prefix_len = full.prefix_len
+        self.index = {layer: j for j, layer in enumerate(layers)}
+
+    def layer(self, i: int):
+        """Layer ``i``'s ``(keys, values)``, each ``[Hkv, P, D]``, or ``[Hkv, 0, D]`` where not kept."""
+        j = self.index.get(i)
+        if j is None:
+            s = self.full_shape
+            empty = self.inner.keys.new_zeros(s.num_kv_heads, 0, s.head_dim)
+            return empty, empty
+        return self.inner.layer(j)
+
+    def check_compatible(self, model) -> None:
+        from reasoncache.hf.models import model_shape
+
+        diffs = self.full_shape.differences(model_shape(model))
+        if diffs:
+            raise ValueError("this prefix was built for another model: " + "; ".join(diffs))
+
+    def num_trainable_parameters(self) -> int:
+        return self.inner.num_trainable_parameters()
 
 
 def run_dir(task: str, variant: str, seed: int, steps: int) -> Path:
@@ -160,6 +234,8 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
         reparam_hidden=v.get("reparam_hidden", 0),
         rms_scaled=v.get("rms_scaled", False),
     )
+    if "layers" in v:
+        cache = LayerSubset(cache, layer_subset(v["layers"], cache.shape.num_layers))
     n_prefix = cache.num_trainable_parameters()
     if v["kind"] == "prefix":
         patch(model, cache)

@@ -269,3 +269,36 @@ def test_smoke_stage_records_a_failed_item_and_runs_the_next(tmp_path, monkeypat
     items = json.loads(out.read_text())["rows"]
     assert [(i["item"], i["status"]) for i in items] == [("d64-padding-window", "failed"), ("d256", "ok")]
     assert "illegal memory access" in items[0]["rows"][0]["error"]
+
+
+def test_a_layer_subset_prefix_keeps_its_layers_and_leaves_the_others_without_one():
+    """The study's fixed-budget variants (P=32 on half the layers): the kept layers see
+    exactly the full cache's prefix, the others none; only the kept layers train."""
+    from reasoncache import ReasonCache, patch
+    from reasoncache.bench import quality
+    from tiny_models import tiny_model
+
+    assert quality.layer_subset("upper", 30) == list(range(15, 30))
+    assert quality.layer_subset("alternate", 30) == list(range(0, 30, 2))
+    assert quality.layer_subset("lower", 5) == [0, 1]
+    with pytest.raises(ValueError, match="layers must be one of"):
+        quality.layer_subset("middle", 30)
+    model = tiny_model("llama")
+    ids = torch.randint(0, 50, (2, 9))
+    full = ReasonCache.for_model(model, prefix_len=3, init="random", seed=1)
+    with pytest.raises(ValueError, match="layers must be distinct indices in \\[0, 2\\)"):
+        quality.LayerSubset(full, [1, 2])
+    with torch.no_grad():
+        want = patch(model, full)(ids).logits
+        got = patch(model, quality.LayerSubset(full, [0, 1]))(ids).logits
+        torch.testing.assert_close(got, want)  # every layer kept: the same model
+        none = patch(model, None)(ids).logits
+    sub = quality.LayerSubset(full, [1])
+    assert sub.num_trainable_parameters() == full.num_trainable_parameters() // 2
+    assert sub.layer(0)[0].shape == (2, 0, full.shape.head_dim)
+    torch.testing.assert_close(sub.layer(1), full.layer(1))
+    patch(model, sub)(ids).logits.sum().backward()
+    assert sub.inner.keys.grad.abs().sum() > 0 and sub.inner.values.grad.abs().sum() > 0
+    with torch.no_grad():
+        one = model(ids).logits
+    assert not torch.allclose(one, none) and not torch.allclose(one, want)
