@@ -376,3 +376,22 @@ def test_lora_baseline_packs_exactly_too(tmp_path):
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     cfg = TrainConfig(steps=1, batch_size=3, lr=1e-3)
     assert Trainer(lora, tok, train, cfg, tmp_path, progress=False).packing
+
+
+def test_the_log_holds_the_gradient_norm_before_clipping(tmp_path):
+    """Each step's row has the global gradient norm the optimizer got before clipping: the
+    same with and without clipping, and what an unclipped step hands the optimizer."""
+    handed, logged = {}, {}
+    for clip in (0.0, 1e-3):
+        model, tok, train, cfg = _setup(steps=1, max_grad_norm=clip)
+        t = Trainer(model, tok, train, cfg, tmp_path / str(clip), progress=False)
+
+        def hook(opt, args, kwargs, clip=clip):
+            grads = [p.grad.flatten() for g in opt.param_groups for p in g["params"]]
+            handed[clip] = torch.cat(grads).norm().item()
+
+        t.opt.register_step_pre_hook(hook)
+        logged[clip] = next(r for r in t.train() if "loss" in r)["grad_norm"]
+    assert logged[0.0] == pytest.approx(logged[1e-3], rel=1e-5) and logged[0.0] > 1e-2
+    assert handed[0.0] == pytest.approx(logged[0.0], rel=1e-5)
+    assert handed[1e-3] == pytest.approx(1e-3, rel=1e-3)

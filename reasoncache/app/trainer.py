@@ -233,7 +233,8 @@ class Trainer:
 
     ``out_dir`` receives ``checkpoint.pt`` (atomic: written then renamed) every
     ``checkpoint_every`` steps and at the end, and ``log.jsonl`` (one JSON object per
-    step, plus evaluation rows). ``resume=True`` continues from the checkpoint exactly.
+    step: loss, learning rate, the gradient's global norm before clipping; plus evaluation
+    rows). ``resume=True`` continues from the checkpoint exactly.
     """
 
     def __init__(
@@ -420,8 +421,9 @@ class Trainer:
             for (_, p), g in zip(self.params, grads):
                 p.grad = flat[off : off + g.numel()].view_as(g).clone()
                 off += g.numel()
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], self.cfg.max_grad_norm)
+        # the global norm before clipping, logged; max_norm=inf measures without clipping
+        clip = self.cfg.max_grad_norm or float("inf")
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], clip))
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -524,6 +526,7 @@ class Trainer:
                     "step": self.step,
                     "loss": loss,
                     "lr": self.sched.get_last_lr()[0],
+                    "grad_norm": self.grad_norm,
                     "elapsed_s": round(time.time() - start, 3),
                 }
             )
