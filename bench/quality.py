@@ -124,18 +124,14 @@ STUDY_BATCH = 8
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
 
 
-LAYER_SUBSETS = ("upper", "lower", "alternate")
+LAYER_SUBSETS = ("upper", "alternate")
 
 
 def layer_subset(which: str, num_layers: int) -> list[int]:
-    """The layers a variant's ``layers=`` keeps a prefix on: ``"upper"`` (the top half),
-    ``"lower"`` (the bottom half) or ``"alternate"`` (0, 2, 4, ...); each is half of them."""
+    """The layers a variant's ``layers=`` keeps a prefix on: ``"upper"`` (the top half) or
+    ``"alternate"`` (0, 2, 4, ...); each is half of them."""
     half = num_layers // 2
-    subsets = {
-        "upper": list(range(num_layers - half, num_layers)),
-        "lower": list(range(half)),
-        "alternate": list(range(0, num_layers, 2))[:half],
-    }
+    subsets = {"upper": list(range(num_layers - half, num_layers)), "alternate": list(range(0, num_layers, 2))[:half]}
     if which not in subsets:
         raise ValueError(f"layers must be one of {LAYER_SUBSETS}, got {which!r}")
     return subsets[which]
