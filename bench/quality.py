@@ -164,7 +164,6 @@ class LayerSubset(torch.nn.Module):
         )  # fmt: skip
         self.full_shape = full.shape
         self.position_offset = full.position_offset
-        self.prefix_len = full.prefix_len
         self.index = {layer: j for j, layer in enumerate(layers)}
 
     def layer(self, i: int):
