@@ -124,23 +124,20 @@ STUDY_BATCH = 8
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
 
 
-LAYER_SUBSETS = ("upper", "alternate")
-
-
 def layer_subset(which: str, num_layers: int) -> list[int]:
     """The layers a variant's ``layers=`` keeps a prefix on: ``"upper"`` (the top half) or
     ``"alternate"`` (0, 2, 4, ...); each is half of them."""
     half = num_layers // 2
     subsets = {"upper": list(range(num_layers - half, num_layers)), "alternate": list(range(0, num_layers, 2))[:half]}
     if which not in subsets:
-        raise ValueError(f"layers must be one of {LAYER_SUBSETS}, got {which!r}")
+        raise ValueError(f"layers must be one of {tuple(subsets)}, got {which!r}")
     return subsets[which]
 
 
 class LayerSubset(torch.nn.Module):
     """A prefix on some layers only; the other layers attend to no prefix (P=0). The study's
     way to trade layers for prefix length at a fixed parameter budget, through ``patch``'s
-    cache interface (``layer``, ``check_compatible``, ``position_offset``).
+    cache interface (``layer``, ``check_compatible``: the full cache's, ``position_offset``).
 
     ``full``: a ``ReasonCache`` of every layer (its keys and values ``[L, Hkv, P, D]``);
     ``layers``: the layer indices to keep, whose keys and values become a ``ReasonCache`` of
@@ -163,6 +160,7 @@ class LayerSubset(torch.nn.Module):
             position_offset=full.position_offset,
         )  # fmt: skip
         self.full_shape = full.shape
+        self.check_compatible = full.check_compatible  # the model must be the one the full cache was built for
         self.position_offset = full.position_offset
         self.index = {layer: j for j, layer in enumerate(layers)}
 
@@ -174,13 +172,6 @@ class LayerSubset(torch.nn.Module):
             empty = self.inner.keys.new_zeros(s.num_kv_heads, 0, s.head_dim)
             return empty, empty
         return self.inner.layer(j)
-
-    def check_compatible(self, model) -> None:
-        from reasoncache.hf.models import model_shape
-
-        diffs = self.full_shape.differences(model_shape(model))
-        if diffs:
-            raise ValueError("this prefix was built for another model: " + "; ".join(diffs))
 
     def num_trainable_parameters(self) -> int:
         return self.inner.num_trainable_parameters()
