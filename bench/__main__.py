@@ -1,28 +1,21 @@
-"""``python -m bench {kernel|decode|generate|train|quality|audit|smoke} ...``; ``--help`` after a suite
-lists its options."""
+"""``python -m bench {kernel|decode|generate|train|quality|audit|smoke} ...`` (installed:
+``reasoncache bench ...``); ``--help`` after a suite lists its options."""
 
+import importlib
 import sys
 
-from . import audit, decode, generate, kernel, quality, smoke, train
-
-SUITES = {
-    "kernel": kernel.main,
-    "decode": decode.main,
-    "generate": generate.main,
-    "train": train.main,
-    "quality": quality.main,
-    "audit": audit.main,
-    "smoke": smoke.main,
-}
+# Every suite is a module of this package with ``main(argv)``; each is imported only when it
+# runs, so naming the suites costs no torch import.
+SUITES = ("kernel", "decode", "generate", "train", "quality", "audit", "smoke")
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], prog: str = "python -m bench") -> int:
     if not argv or argv[0] not in SUITES:
-        print(
-            f"usage: python -m bench {{{'|'.join(SUITES)}}} [--quick] [--device cpu|cuda] [--out FILE]", file=sys.stderr
-        )
+        got = f" (got {argv[0]!r})" if argv else ""
+        print(f"usage: {prog} {{{'|'.join(SUITES)}}} [--help] ...{got}", file=sys.stderr)
         return 2
-    rc = SUITES[argv[0]](argv[1:])  # the audit returns an exit status; the others their rows
+    suite = importlib.import_module(f"{__package__}.{argv[0]}")
+    rc = suite.main(argv[1:])  # the audit returns an exit status; the others their rows
     return rc if isinstance(rc, int) else 0
 
 
