@@ -153,6 +153,24 @@ def test_bad_config():
         TrainConfig(adam_beta2=1.0).check()
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\) \(0: off\), got 1.0"):
         TrainConfig(ema_decay=1.0).check()
+    # each of these used to fail late (a division by zero at the first checkpoint) or silently
+    # (a negative clip flips the gradients; a negative eval_every evaluates every step)
+    for bad, msg in (
+        ({"checkpoint_every": 0}, "checkpoint_every must be a positive int, got 0"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
+        ({"max_len": -1}, "max_len must be a positive int"),
+        ({"eval_every": -1}, r"eval_every must be an int >= 0"),
+        ({"eval_limit": 0}, "eval_limit must be None"),
+        ({"eval_steps": [2, 400]}, r"eval_steps must be ints in \[0, steps=300\], got \[400\]"),
+        ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be in \[0, 1\]"),
+        ({"weight_decay": -0.1}, "weight_decay must be a number >= 0"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**bad).check()
+    for fine in ({"max_grad_norm": 0.0}, {"max_grad_norm": None}, {"eval_every": 0}, {"eval_steps": [0, 300]}):
+        TrainConfig(**fine).check()
     model, tok = tiny_model("llama"), tiny_tokenizer()
     train, _ = make_split("arithmetic", 8, 0)
     with pytest.raises(ValueError, match="no trainable parameters"):

@@ -89,10 +89,17 @@ class TrainConfig:
     )
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "max_new_tokens", "max_len"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be an int >= 0 (0: only at the end), got {self.eval_every!r}")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+            raise ValueError(f"eval_limit must be None (every example) or a positive int, got {self.eval_limit!r}")
+        bad_steps = [s for s in self.eval_steps if not isinstance(s, int) or not 0 <= s <= self.steps]
+        if bad_steps:
+            raise ValueError(f"eval_steps must be ints in [0, steps={self.steps}], got {bad_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (self.value_lr_ratio > 0 and math.isfinite(self.value_lr_ratio)):
@@ -103,6 +110,13 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not 0 <= self.max_grad_norm <= math.inf:
+            # a negative clip would flip every gradient's sign inside clip_grad_norm_
+            raise ValueError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "distill" and (not isinstance(self.distill_shots, int) or self.distill_shots < 1):
