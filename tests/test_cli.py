@@ -119,6 +119,24 @@ def test_missing_cache_and_model_are_clear_errors(workspace, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
+def test_bad_generation_flags_are_refused_before_the_model_loads(workspace, capsys):
+    """The model path is missing on purpose: the flag must be named before anything loads it."""
+    root, _ = workspace
+    base = ["eval", "--data", str(root / "test.jsonl"), "--model", str(root / "missing.gguf")]
+    for extra, msg in (
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
+        (["--answer-pattern", "(["], "answer_pattern '([' is not a valid regular expression"),
+    ):
+        assert main(base + extra) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["generate", "--cache", str(root), "--max-new-tokens", "0", "hi"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    train = ["train", "--data", str(root / "train.jsonl"), "--out", str(root / "z"), "--model", str(root / "m.gguf")]
+    assert main(train + ["--checkpoint-every", "0"]) == 2
+    assert "checkpoint_every must be a positive int, got 0" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "reasoncache", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and all(c in res.stdout for c in ("train", "eval", "generate", "demo"))

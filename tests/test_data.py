@@ -5,7 +5,7 @@ import json
 import pytest
 
 from reasoncache.app.data import IGNORE, Example, batch_order, collate, encode, format_prompt, load_jsonl
-from reasoncache.app.evaluate import extract_answer, normalize
+from reasoncache.app.evaluate import evaluate, extract_answer, normalize
 from reasoncache.app.tasks import TASKS, make_split
 from tiny_models import tiny_tokenizer
 
@@ -120,6 +120,21 @@ def test_extract_answer(text, pattern, want):
 def test_normalize_compares_numbers_by_value():
     assert normalize("1,234.") == normalize("1234") == "1234"
     assert normalize("3.50") == "3.5" and normalize(" Yes ") == "yes" and normalize(None) is None
+    # a generation may end in "#### inf": compared as a word, where int() used to crash the evaluation
+    assert normalize("inf") == "inf" and normalize("-Infinity") == "-infinity" and normalize("NaN") == "nan"
+
+
+def test_evaluation_refuses_bad_settings_before_generating():
+    from reasoncache.app.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=r"answer_pattern '\(\[A-D\]' is not a valid regular expression"):
+        evaluate(None, tiny_tokenizer(), [], answer_pattern="([A-D]")
+    with pytest.raises(ValueError, match="answer_pattern"):  # training checks it before its first step
+        TrainConfig(answer_pattern="([A-D]").check()
+    # a negative batch size used to skip generation silently and score every example wrong
+    for bad in ({"batch_size": 0}, {"batch_size": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive int"):
+            evaluate(None, tiny_tokenizer(), [], **bad)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -50,6 +50,18 @@ def _cache_folder(path: str) -> Path:
     raise FileNotFoundError(f"--cache {path}: no {CONFIG_NAME} there or in {p / 'cache'}")
 
 
+def _check_generation_flags(args) -> None:
+    """Refuse bad generation flags before the model loads (the evaluation would refuse them
+    too, but only after loading it)."""
+    from .evaluate import check_answer_pattern
+
+    for flag in ("max_new_tokens", "batch_size"):
+        v = getattr(args, flag, 1)
+        if v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    check_answer_pattern(getattr(args, "answer_pattern", None))
+
+
 def _load_patched(args):
     from ..cache import ReasonCache
     from ..hf import patch
@@ -149,6 +161,7 @@ def cmd_eval(args) -> int:
     from .data import load_jsonl
     from .models import load_model
 
+    _check_generation_flags(args)
     if args.shots < 0:
         raise ValueError(f"--shots must be >= 0, got {args.shots}")
     if args.shots and not args.shots_from:
@@ -185,6 +198,7 @@ def cmd_generate(args) -> int:
     from .data import format_prompt
     from .evaluate import generate
 
+    _check_generation_flags(args)
     model, tok = _load_patched(args)
     text = format_prompt(tok, args.prompt, not args.no_chat_template)
     print(generate(model, tok, [text], args.max_new_tokens)[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -10,6 +11,17 @@ import torch
 from .data import Example, format_prompt
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def check_answer_pattern(pattern: str | None) -> None:
+    """Refuse an ``answer_pattern`` that is not a regular expression before any generation
+    or training runs (it is first used when the model is evaluated, at the end)."""
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"answer_pattern {pattern!r} is not a valid regular expression: {e}") from None
 
 
 def extract_answer(text: str, pattern: str | None = None) -> str | None:
@@ -34,9 +46,11 @@ def normalize(ans: str | None) -> str | None:
     ans = ans.strip().rstrip(".").replace(",", "")
     try:
         x = float(ans)
-        return str(int(x)) if x == int(x) else str(x)
     except ValueError:
         return ans.lower()
+    if not math.isfinite(x):  # "inf", "nan": compared as words (int() of them raises)
+        return ans.lower()
+    return str(int(x)) if x == int(x) else str(x)
 
 
 @torch.no_grad()
@@ -55,6 +69,9 @@ def generate(
     needs every process in every forward)."""
     from tqdm.auto import tqdm
 
+    for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"
@@ -93,6 +110,7 @@ def evaluate(
     answer extracted from its reference completion). Returns ``accuracy``, ``n``,
     ``prompt_tokens`` (mean prompt length the model saw), ``examples_per_s`` (generation
     throughput) and per-example ``predictions``. ``synced_gpus``: as in ``generate``."""
+    check_answer_pattern(answer_pattern)
     prompts = [format_prompt(tok, e.prompt, chat_template, shots) for e in examples]
     t0 = time.perf_counter()
     texts = generate(model, tok, prompts, max_new_tokens, batch_size, progress, "evaluating", synced_gpus)

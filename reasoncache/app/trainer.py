@@ -28,6 +28,7 @@ from torch import nn
 
 from ..hf import prefix_suspended
 from .data import IGNORE, Example, batch_order, collate, collate_packed, encode
+from .evaluate import check_answer_pattern
 from .sharding import is_sharded
 
 OBJECTIVES = ("sft", "distill")
@@ -121,6 +122,7 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.objective == "distill" and (not isinstance(self.distill_shots, int) or self.distill_shots < 1):
             raise ValueError(f"distill_shots must be a positive int, got {self.distill_shots!r}")
+        check_answer_pattern(self.answer_pattern)
         if self.report_to not in (None, "tensorboard"):
             raise ValueError(f"report_to must be None or 'tensorboard', got {self.report_to!r}")
 
