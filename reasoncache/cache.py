@@ -61,6 +61,8 @@ class ReasonCache(nn.Module):
             raise ValueError("a ReasonCache needs at least one prefix position (P >= 1)")
         if sink and keys.shape[2] < 2:
             raise ValueError("sink=True freezes position 0, so it needs prefix_len >= 2")
+        if isinstance(reparam_hidden, bool) or not isinstance(reparam_hidden, int) or reparam_hidden < 0:
+            raise ValueError(f"reparam_hidden must be an int >= 0 (0: off), got {reparam_hidden!r}")
         self.shape = shape
         self.prefix_len = keys.shape[2]
         self.sink = sink

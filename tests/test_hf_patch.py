@@ -230,6 +230,9 @@ def test_mlp_reparametrization_starts_at_init_trains_and_folds():
     assert cache.reparam_hidden == 0 and {n for n, _ in cache.named_parameters()} == {"keys", "values"}
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
     assert not torch.equal(cache.keys.detach(), plain.keys.detach())
+    for bad in (-1, 2.5):  # -1 used to reach nn.Linear and fail there with a negative dimension
+        with pytest.raises(ValueError, match=f"reparam_hidden must be an int >= 0 \\(0: off\\), got {bad}"):
+            ReasonCache.from_demonstrations(model, demo, reparam_hidden=bad)
 
 
 @pytest.mark.parametrize("reparam_hidden", [0, 16])
