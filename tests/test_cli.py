@@ -132,6 +132,8 @@ def test_bad_generation_flags_are_refused_before_the_model_loads(workspace, caps
         assert msg in capsys.readouterr().err
     assert main(["generate", "--cache", str(root), "--max-new-tokens", "0", "hi"]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--steps", "0", "--out", str(root / "d"), "--model", str(root / "m.gguf")]) == 2
+    assert "--steps must be a positive int" in capsys.readouterr().err
     train = ["train", "--data", str(root / "train.jsonl"), "--out", str(root / "z"), "--model", str(root / "m.gguf")]
     assert main(train + ["--checkpoint-every", "0"]) == 2
     assert "checkpoint_every must be a positive int, got 0" in capsys.readouterr().err

@@ -76,6 +76,9 @@ def run_demo(
     """Run the whole comparison; writes ``results.json``, ``accuracy_vs_examples.png`` and
     the trained cache under ``out``; prints one table. Returns the results."""
     o = {**DEFAULTS, **overrides}
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        # checked before the model loads; 0 used to mean the default silently
+        raise ValueError(f"--steps must be a positive int (or left out for the default), got {steps!r}")
     steps = steps or (DEFAULTS["steps"] // 5 if quick else DEFAULTS["steps"])
     if quick:
         o.update(n_test=16, curve_n=8, curve_points=2)
