@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._checks import is_int_at_least
 from ._version import __version__
 from .hf.models import ModelShape, fingerprint, model_shape, rotate_keys, text_config, uses_absolute_positions
 from .hf.patch import record_keys_values
@@ -61,7 +62,7 @@ class ReasonCache(nn.Module):
             raise ValueError("a ReasonCache needs at least one prefix position (P >= 1)")
         if sink and keys.shape[2] < 2:
             raise ValueError("sink=True freezes position 0, so it needs prefix_len >= 2")
-        if isinstance(reparam_hidden, bool) or not isinstance(reparam_hidden, int) or reparam_hidden < 0:
+        if not is_int_at_least(reparam_hidden, 0):
             raise ValueError(f"reparam_hidden must be an int >= 0 (0: off), got {reparam_hidden!r}")
         self.shape = shape
         self.prefix_len = keys.shape[2]
@@ -171,7 +172,7 @@ class ReasonCache(nn.Module):
         (measured on one forward pass over random tokens). ``init="tokens"``: the
         keys/values of ``prefix_len`` random vocabulary tokens placed before the input.
         """
-        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+        if not is_int_at_least(prefix_len, 1):
             raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
         if init not in ("random", "tokens"):
             raise ValueError(f"init must be 'random' or 'tokens' (or use from_demonstrations), got {init!r}")
@@ -423,7 +424,7 @@ def build_cache(
         return ReasonCache.for_model(
             model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled
         )
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+    if not is_int_at_least(prefix_len, 1):
         raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
     order = list(examples)
     random.Random(seed).shuffle(order)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import is_int_at_least
 from .._version import __version__
 from ..cache import build_cache
 from ..hf import patch, unpatch
@@ -76,7 +77,7 @@ def run_demo(
     """Run the whole comparison; writes ``results.json``, ``accuracy_vs_examples.png`` and
     the trained cache under ``out``; prints one table. Returns the results."""
     o = {**DEFAULTS, **overrides}
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if steps is not None and not is_int_at_least(steps, 1):
         # checked before the model loads; 0 used to mean the default silently
         raise ValueError(f"--steps must be a positive int (or left out for the default), got {steps!r}")
     steps = steps or (DEFAULTS["steps"] // 5 if quick else DEFAULTS["steps"])

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .._checks import is_int_at_least
 from .data import Example, format_prompt
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -70,7 +71,7 @@ def generate(
     from tqdm.auto import tqdm
 
     for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not is_int_at_least(v, 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     device = next(model.parameters()).device
     side = tok.padding_side

@@ -26,9 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_int_at_least
 from ..hf import prefix_suspended
 from .data import IGNORE, Example, batch_order, collate, collate_packed, encode
-from .evaluate import check_answer_pattern
+from .evaluate import check_answer_pattern, evaluate
 from .sharding import is_sharded
 
 OBJECTIVES = ("sft", "distill")
@@ -92,13 +93,13 @@ class TrainConfig:
     def check(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "max_new_tokens", "max_len"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int_at_least(v, 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+        if not is_int_at_least(self.eval_every, 0):
             raise ValueError(f"eval_every must be an int >= 0 (0: only at the end), got {self.eval_every!r}")
-        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+        if self.eval_limit is not None and not is_int_at_least(self.eval_limit, 1):
             raise ValueError(f"eval_limit must be None (every example) or a positive int, got {self.eval_limit!r}")
-        bad_steps = [s for s in self.eval_steps if not isinstance(s, int) or not 0 <= s <= self.steps]
+        bad_steps = [s for s in self.eval_steps if not is_int_at_least(s, 0) or s > self.steps]
         if bad_steps:
             raise ValueError(f"eval_steps must be ints in [0, steps={self.steps}], got {bad_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -486,8 +487,6 @@ class Trainer:
     def evaluate(self, limit: int | None = None) -> dict:
         """Accuracy on ``eval_examples`` (the first ``limit``), with the moving average of the
         parameters where ``ema_decay`` keeps one."""
-        from .evaluate import evaluate
-
         examples = self.eval_examples[:limit] if limit else self.eval_examples
         was = self.model.training
         self.model.eval()

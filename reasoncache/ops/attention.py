@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import is_int_at_least
 from . import backends
 from .custom_op import prefix_attention_fwd
 from .varlen import check_cu_seqlens, varlen_attention
@@ -60,7 +61,7 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        if not is_int_at_least(sliding_window, 1):
             raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
         if not causal:
             raise ValueError("sliding_window needs causal=True (it limits how far back a query looks)")
