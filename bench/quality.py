@@ -114,6 +114,15 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-p32alt-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=32, layers="alternate"
     ),
+    # the same budget spread unevenly (480 prefix positions over 30 layers, as P=16 on each): the
+    # lower half at P=32 (the upper half alone lost on both families), and P=24 / P=8 alternating
+    # (between the default and P=32 on every second layer, which traded arithmetic for digit_sum)
+    "prefix-answers-b4-p32lower-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=32, lengths=("blocks", (32, 0))
+    ),
+    "prefix-answers-b4-p24x8-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
+    ),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
@@ -134,47 +143,78 @@ def layer_subset(which: str, num_layers: int) -> list[int]:
     return subsets[which]
 
 
-class LayerSubset(torch.nn.Module):
-    """A prefix on some layers only; the other layers attend to no prefix (P=0). The study's
-    way to trade layers for prefix length at a fixed parameter budget, through ``patch``'s
-    cache interface (``layer``, ``check_compatible``: the full cache's, ``position_offset``).
+def layer_lengths(spec: tuple[str, tuple[int, ...]], num_layers: int) -> list[int]:
+    """Each layer's prefix length under a variant's ``lengths=``: ``("cycle", (a, b, ...))``
+    repeats the pattern over the layers (layer ``i`` gets ``pattern[i % len(pattern)]``);
+    ``("blocks", (a, b, ...))`` splits the layers into ``len(pattern)`` contiguous blocks, as
+    even as can be, bottom first. A length of 0 leaves a layer without a prefix."""
+    kind, pattern = spec
+    if kind not in ("cycle", "blocks"):
+        raise ValueError(f"lengths must be ('cycle', pattern) or ('blocks', pattern), got kind {kind!r}")
+    if not pattern or not all(isinstance(n, int) and n >= 0 for n in pattern) or not any(pattern):
+        raise ValueError(f"lengths' pattern must be ints >= 0, not all 0, got {pattern!r}")
+    k = len(pattern)
+    if kind == "cycle":
+        return [pattern[i % k] for i in range(num_layers)]
+    if num_layers < k:
+        raise ValueError(f"lengths: {k} blocks need at least {k} layers, the model has {num_layers}")
+    return [pattern[b] for b in range(k) for _ in range(b * num_layers // k, (b + 1) * num_layers // k)]
+
+
+class LayerLengths(torch.nn.Module):
+    """A prefix of its own length on each layer, 0 for none: the study's way to spread a fixed
+    parameter budget unevenly over the layers, through ``patch``'s cache interface (``layer``,
+    ``check_compatible``: the full cache's, ``position_offset``).
 
     ``full``: a ``ReasonCache`` of every layer (its keys and values ``[L, Hkv, P, D]``);
-    ``layers``: the layer indices to keep, whose keys and values become a ``ReasonCache`` of
-    ``len(layers)`` layers (``self.inner``: the trainable parameters, ``len(layers) x Hkv x P x D``
-    each for keys and values)."""
+    ``lengths``: one length in ``[0, P]`` per layer. Layer ``i`` keeps the first ``lengths[i]``
+    positions of ``full``'s prefix (for ``init="answers"`` that is the cache ``build_cache`` makes
+    at that length, as a causal model's first tokens do not see the later ones). The layers of one
+    length share a ``ReasonCache`` in ``self.groups`` (the trainable parameters: the sum over
+    layers of ``Hkv x lengths[i] x D``, each for keys and values)."""
 
-    def __init__(self, full, layers: list[int]):
+    def __init__(self, full, lengths: list[int]):
         import dataclasses
 
         from reasoncache import ReasonCache
 
         super().__init__()
-        n = full.shape.num_layers
-        if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
-            raise ValueError(f"layers must be distinct indices in [0, {n}), got {layers!r}")
+        n, p = full.shape.num_layers, full.prefix_len
+        if len(lengths) != n or not all(isinstance(x, int) and 0 <= x <= p for x in lengths) or not any(lengths):
+            raise ValueError(f"lengths must be {n} ints in [0, {p}], not all 0, got {lengths!r}")
         keys, values = full.tensors()
-        sub = dataclasses.replace(full.shape, num_layers=len(layers))
-        self.inner = ReasonCache(
-            sub, keys[layers], values[layers], model_fingerprint=full.model_fingerprint,
-            position_offset=full.position_offset,
-        )  # fmt: skip
+        self.groups = torch.nn.ModuleList()
+        self.index = {}  # layer -> (group, row in it)
+        for length in sorted(set(lengths) - {0}):
+            layers = [i for i, x in enumerate(lengths) if x == length]
+            sub = dataclasses.replace(full.shape, num_layers=len(layers))
+            self.index.update({layer: (len(self.groups), j) for j, layer in enumerate(layers)})
+            k, v = keys[layers, :, :length], values[layers, :, :length]
+            fp, offset = full.model_fingerprint, full.position_offset
+            self.groups.append(ReasonCache(sub, k, v, model_fingerprint=fp, position_offset=offset))
         self.full_shape = full.shape
         self.check_compatible = full.check_compatible  # the model must be the one the full cache was built for
         self.position_offset = full.position_offset
-        self.index = {layer: j for j, layer in enumerate(layers)}
+
+    @classmethod
+    def subset(cls, full, layers: list[int]) -> LayerLengths:
+        """``full``'s whole prefix on ``layers``, none on the others."""
+        n = full.shape.num_layers
+        if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
+            raise ValueError(f"layers must be distinct indices in [0, {n}), got {layers!r}")
+        return cls(full, [full.prefix_len if i in layers else 0 for i in range(n)])
 
     def layer(self, i: int):
-        """Layer ``i``'s ``(keys, values)``, each ``[Hkv, P, D]``, or ``[Hkv, 0, D]`` where not kept."""
-        j = self.index.get(i)
-        if j is None:
+        """Layer ``i``'s ``(keys, values)``, each ``[Hkv, lengths[i], D]`` (``[Hkv, 0, D]`` for none)."""
+        if i not in self.index:
             s = self.full_shape
-            empty = self.inner.keys.new_zeros(s.num_kv_heads, 0, s.head_dim)
+            empty = self.groups[0].keys.new_zeros(s.num_kv_heads, 0, s.head_dim)
             return empty, empty
-        return self.inner.layer(j)
+        g, j = self.index[i]
+        return self.groups[g].layer(j)
 
     def num_trainable_parameters(self) -> int:
-        return self.inner.num_trainable_parameters()
+        return sum(g.num_trainable_parameters() for g in self.groups)
 
 
 def run_dir(task: str, variant: str, seed: int, steps: int) -> Path:
@@ -221,7 +261,9 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
         rms_scaled=v.get("rms_scaled", False),
     )
     if "layers" in v:
-        cache = LayerSubset(cache, layer_subset(v["layers"], cache.shape.num_layers))
+        cache = LayerLengths.subset(cache, layer_subset(v["layers"], cache.shape.num_layers))
+    elif "lengths" in v:
+        cache = LayerLengths(cache, layer_lengths(v["lengths"], cache.shape.num_layers))
     n_prefix = cache.num_trainable_parameters()
     if v["kind"] == "prefix":
         patch(model, cache)
