@@ -15,7 +15,7 @@ def main(argv: list[str], prog: str = "python -m bench") -> int:
         print(f"usage: {prog} {{{'|'.join(SUITES)}}} [--help] ...{got}", file=sys.stderr)
         return 2
     suite = importlib.import_module(f"{__package__}.{argv[0]}")
-    rc = suite.main(argv[1:])  # the audit returns an exit status; the others their rows
+    rc = suite.main(argv[1:], prog=f"{prog} {argv[0]}")  # the audit returns an exit status; the others their rows
     return rc if isinstance(rc, int) else 0
 
 

@@ -371,8 +371,8 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench audit", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m bench audit") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[80, 90], help="Triton targets")
     ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp16"])

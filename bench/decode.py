@@ -216,8 +216,8 @@ ICL_COLUMNS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = bench_parser("python -m bench decode", __doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m bench decode") -> list[dict]:
+    ap = bench_parser(prog, __doc__)
     ap.add_argument("--backends", help="comma-separated reasoncache backends (default: cuda,triton,torch on CUDA)")
     args = parse_bench_args(ap, argv)
     default = "cuda,triton,torch" if args.device == "cuda" else "torch"

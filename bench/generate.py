@@ -46,12 +46,12 @@ def _best_s(model, ids, new_tokens: int, reps: int) -> float:
     return min(times)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None, prog: str = "python -m bench generate") -> list[dict]:
     from reasoncache import build_cache, patch
     from reasoncache.app.models import load_model
     from reasoncache.app.tasks import make_split
 
-    ap = argparse.ArgumentParser(prog="python -m bench generate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")

@@ -278,8 +278,8 @@ COLUMNS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = bench_parser("python -m bench kernel", __doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m bench kernel") -> list[dict]:
+    ap = bench_parser(prog, __doc__)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     args = parse_bench_args(ap, argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -496,10 +496,10 @@ def sweep_table(rows: list[dict], variants: list[str], seed: int = 0, steps: int
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -> None:
     from reasoncache.app.tasks import TASKS
 
-    ap = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", nargs="+", default=["arithmetic"], choices=sorted(TASKS))
     ap.add_argument("--variants", nargs="+", default=["lora", "prefix"], choices=sorted(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -168,8 +168,8 @@ def chosen_tiles() -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench smoke", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m bench smoke") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--backend", default="triton", choices=["triton", "cuda", "torch"])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

@@ -268,8 +268,8 @@ COLUMNS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = bench_parser("python -m bench train", __doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m bench train") -> list[dict]:
+    ap = bench_parser(prog, __doc__)
     ap.add_argument(
         "--model", default=None, help="tiny | 1b | 8b | default (SmolLM2); default: tiny on CPU, 1b and 8b on CUDA"
     )
