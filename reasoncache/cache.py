@@ -137,6 +137,7 @@ class ReasonCache(nn.Module):
         return self
 
     def num_trainable_parameters(self) -> int:
+        """How many scalars training updates (the cache's size in the equal-parameter comparisons)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def extra_repr(self) -> str:
@@ -280,6 +281,8 @@ class ReasonCache(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def config_dict(self) -> dict:
+        """The cache's metadata as written to ``reasoncache_config.json``: shape, prefix length,
+        options and the model fingerprint that ``from_pretrained`` checks."""
         return {
             "format": "reasoncache",
             "reasoncache_version": __version__,
@@ -381,10 +384,12 @@ class ReasonCacheBank(nn.Module):
         return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
 
     def check_compatible(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless every cache of the bank fits ``model`` (as ``ReasonCache.check_compatible``)."""
         for c in self.caches:
             c.check_compatible(model)
 
     def num_trainable_parameters(self) -> int:
+        """How many scalars training updates (the cache's size in the equal-parameter comparisons)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def extra_repr(self) -> str:

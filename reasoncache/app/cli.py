@@ -74,6 +74,8 @@ def _load_patched(args):
 
 
 def cmd_train(args) -> int:
+    """``reasoncache train``: build the initial prefix (or LoRA), train it on ``--data`` and save it
+    under ``--out``; returns the exit status."""
     import torch
 
     from ..cache import build_cache
@@ -157,6 +159,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """``reasoncache eval``: exact-match accuracy on ``--data`` of a saved cache, of the frozen model
+    as it is, or of either with ``--shots`` demonstrations in the prompt; returns the exit status."""
     from .baselines import in_context
     from .data import load_jsonl
     from .models import load_model
@@ -195,6 +199,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    """``reasoncache generate``: print the patched model's greedy answer to one ``--prompt``; returns
+    the exit status."""
     from .data import format_prompt
     from .evaluate import generate
 
@@ -206,6 +212,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """``reasoncache demo``: the offline demo (``app/demo.py``); returns the exit status."""
     from .demo import run_demo
 
     run_demo(model_path=args.model, out=args.out, steps=args.steps, device=_device(args.device), quick=args.quick)
@@ -213,12 +220,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """``reasoncache bench SUITE ...``: hand the rest of the command line to the benchmark suite."""
     from ..bench.__main__ import main as bench_main
 
     return bench_main([args.suite, *args.rest], prog="reasoncache bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``reasoncache`` argument parser: one sub-command per ``cmd_*`` function."""
     ap = argparse.ArgumentParser(prog="reasoncache", description="Teach a frozen LLM a skill as a learned KV prefix.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -330,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``reasoncache`` console script. Returns the exit status: 2 (with the error on stderr, no
+    traceback) for a missing file, a bad value or a missing optional dependency."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

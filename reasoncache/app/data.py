@@ -17,6 +17,10 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Example:
+    """One training or test row: ``prompt`` (the question, without chat formatting), ``completion``
+    (the worked answer the model learns), ``answer`` (the exact-match target; ``None``: the completion's
+    text after ``####``, else its last number) and ``source`` (``file:line``, for error messages)."""
+
     prompt: str
     completion: str
     answer: str | None = None
@@ -130,6 +134,8 @@ def load_jsonl(path: str | Path, prompt_field: str | None = None, completion_fie
 
 
 def write_jsonl(path: str | Path, examples: list[Example]) -> None:
+    """Write ``examples`` to ``path`` (parents created), one ``{prompt, completion, answer}`` object a line:
+    the format ``load_jsonl`` reads back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:

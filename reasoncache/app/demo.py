@@ -187,6 +187,7 @@ def _environment(device: str) -> dict:
 
 
 def render_table(rows: list[dict]) -> str:
+    """The demo's results as a Markdown table, one row per method (``rows``: ``run_demo``'s result rows)."""
     lines = [
         "| method | accuracy | trainable params | prompt tokens at inference (+ cached prefix) | training time |",
         "|---|---|---|---|---|",
@@ -201,6 +202,7 @@ def render_table(rows: list[dict]) -> str:
 
 
 def plot_curves(rows: list[dict], path: Path, task: str) -> None:
+    """Plot each method's accuracy against training examples seen to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -42,6 +42,8 @@ def extract_answer(text: str, pattern: str | None = None) -> str | None:
 
 
 def normalize(ans: str | None) -> str | None:
+    """The form answers are compared in: ``None`` stays ``None``; numbers lose commas, a trailing
+    period and a zero fraction (``"1,024.0"`` -> ``"1024"``); anything else is lower-cased."""
     if ans is None:
         return None
     ans = ans.strip().rstrip(".").replace(",", "")

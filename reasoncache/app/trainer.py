@@ -39,6 +39,10 @@ LOG = "log.jsonl"
 
 @dataclass
 class TrainConfig:
+    """Everything a ``Trainer`` run needs besides the model and data; ``reasoncache train``'s flags set
+    most of these fields. The fields in ``TRAJECTORY`` change the run's steps, so
+    ``--resume`` refuses a checkpoint written with other values of them. ``check`` validates."""
+
     steps: int = 300
     batch_size: int = 4  # examples per micro-batch, per process; 4 beat 8 at equal examples (quality.md)
     grad_accum: int = 1  # micro-batches per step, per process
@@ -91,6 +95,8 @@ class TrainConfig:
     )
 
     def check(self) -> None:
+        """Raise ``ValueError`` naming the first field with a value training cannot use (``reasoncache
+        train`` calls it before it loads the model, so a bad flag costs no loading or training)."""
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "max_new_tokens", "max_len"):
             v = getattr(self, name)
             if not is_int_at_least(v, 1):
@@ -327,6 +333,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
+        """Write the trained parameters, optimizer, scheduler, RNG and config to ``out/checkpoint.pt``
+        (rank 0 only; atomically, through a temporary file, so a kill never leaves half a checkpoint)."""
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -344,6 +352,8 @@ class Trainer:
         os.replace(tmp, self.out / CHECKPOINT)
 
     def load_checkpoint(self) -> bool:
+        """Restore ``out/checkpoint.pt`` if it exists (returns whether it did); raise ``ValueError`` if it
+        was written with other ``TRAJECTORY`` settings, naming each difference."""
         path = self.out / CHECKPOINT
         if not path.is_file():
             return False
@@ -418,6 +428,8 @@ class Trainer:
         return lp[0].shape == lp[1].shape and bool((lp[0] - lp[1]).abs().max() <= (5e-2 if self._bf16 else 1e-4))
 
     def train_step(self) -> float:
+        """One optimizer step over this process's micro-batches (gradients summed over processes);
+        returns the step's loss per completion token."""
         mbs, tokens = self._step_batches(self.step)
         loss_sum = torch.zeros((), device=self.device)
         for mb in mbs:
@@ -523,6 +535,8 @@ class Trainer:
             self._log(row)
 
     def train(self, resume: bool = False) -> list[dict]:
+        """Run to ``cfg.steps`` (from the checkpoint with ``resume=True``), checkpointing and evaluating
+        as configured; returns the log rows (also written to ``out/log.jsonl``)."""
         from tqdm.auto import tqdm
 
         if resume and self.load_checkpoint() and self.progress:

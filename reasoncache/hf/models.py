@@ -48,11 +48,13 @@ class ModelShape:
     head_dim: int
 
     def differences(self, other: ModelShape) -> list[str]:
+        """One ``"field: cache has X, model has Y"`` line per field where the two shapes differ."""
         mine, theirs = asdict(self), asdict(other)
         return [f"{k}: cache has {mine[k]!r}, model has {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
 
 def text_config(model: nn.Module):
+    """The config of ``model``'s text decoder (the nested one for multimodal models)."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -80,6 +82,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def model_shape(model: nn.Module) -> ModelShape:
+    """``model``'s ``ModelShape``: its type, attention-layer count, KV heads (``Hkv``, after GQA) and head dim ``D``."""
     cfg = text_config(model)
     mods = attention_modules(model)
     heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
@@ -98,6 +101,8 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def uses_absolute_positions(model: nn.Module) -> bool:
+    """Whether ``model`` adds learned absolute position embeddings (GPT-2 and kin) instead of
+    rotating keys with RoPE."""
     return text_config(model).model_type in ABSOLUTE_POSITION_MODELS
 
 

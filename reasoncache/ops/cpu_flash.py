@@ -25,6 +25,8 @@ _bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_back
 
 
 def supported(q: Tensor, prefix_k: Tensor) -> bool:
+    """Whether the CPU flash path takes these inputs: ``q [B, Hq, T, D]`` fp32 or bf16 on the CPU, a
+    non-empty prefix ``prefix_k [Hkv, P, D]``, and a torch that has aten's CPU flash kernels."""
     return (
         _fwd is not None
         and _bwd is not None
