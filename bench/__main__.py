@@ -10,6 +10,8 @@ SUITES = ("kernel", "decode", "generate", "train", "quality", "audit", "smoke")
 
 
 def main(argv: list[str], prog: str = "python -m bench") -> int:
+    """Run suite ``argv[0]`` with the rest of ``argv``; ``prog`` is the command the user typed, for
+    usage lines. Returns the exit status."""
     if not argv or argv[0] not in SUITES:
         got = f" (got {argv[0]!r})" if argv else ""
         print(f"usage: {prog} {{{'|'.join(SUITES)}}} [--help] ...{got}", file=sys.stderr)

@@ -128,6 +128,8 @@ def resource_usage(path: str) -> dict[str, dict]:
 # ------------------------------------------------------------------ Triton
 @dataclass
 class Row:
+    """One compiled kernel's static numbers: registers, spills, shared memory and SASS opcode counts."""
+
     backend: str
     kernel: str
     target: str
@@ -254,6 +256,8 @@ def _compile_triton(job: tuple) -> dict:
 
 
 def triton_rows(archs, dtypes, group: int = 4, workers: int = 2) -> list[dict]:
+    """Compile every Triton tile the autotuner can pick for ``archs`` x ``dtypes`` (in ``workers``
+    processes) and return one row of static numbers each."""
     jobs = [
         (name, (t.block_m, t.block_n, t.warps, t.stages), dtype, D, arch, group)
         for name, t, D, arch in choosable(archs)
@@ -264,6 +268,8 @@ def triton_rows(archs, dtypes, group: int = 4, workers: int = 2) -> list[dict]:
 
 
 def triton_findings(row: dict) -> list[str]:
+    """What is wrong with one Triton row (spills in a loop, shared memory over the target's
+    limit, no wgmma on sm_90, no TMA load in the TMA kernel, 32-bit batch offsets), one line each; empty when clean."""
     found = []
     limit = TARGET_LIMIT[int(row["target"][3:])]
     if row["loop_spill_ops"]:
@@ -320,6 +326,9 @@ def cuda_rows() -> list[dict]:
 
 
 def cuda_findings(row: dict) -> list[str]:
+    """What is wrong with one CUDA row (spills in a loop, bf16 fragments loaded without
+    LDSM), one line each;
+    empty when clean."""
     found = []
     if row["loop_spill_ops"]:
         found.append(f"spills {row['spill_bytes']} B, {row['loop_spill_ops']} STL/LDL inside a loop")
@@ -352,6 +361,7 @@ COLUMNS = ("backend", "kernel", "target", "dtype", "D", "config", "regs", "spill
 
 
 def render(rows: list[dict]) -> str:
+    """The audit's rows as a Markdown table with a findings column."""
     lines = ["| " + " | ".join(COLUMNS) + " | findings |", "|" + "---|" * (len(COLUMNS) + 1)]
     for r in rows:
         cells = [

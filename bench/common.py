@@ -91,6 +91,7 @@ def environment(device: str) -> dict:
 
 
 def write_json(path: str | Path, env: dict, rows: list[dict]) -> None:
+    """Write ``{environment, rows}`` to ``path`` (parents created): the results format every suite commits."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
@@ -160,6 +161,7 @@ def bench_parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 
 def parse_bench_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with ``ap``; ``--device cuda`` without a CUDA device is a usage error, not a crash later."""
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")

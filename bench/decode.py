@@ -39,6 +39,9 @@ from .common import bench_parser, environment, markdown_table, parse_bench_args,
 
 @dataclass(frozen=True)
 class DecodeShape:
+    """One decode case: ``B`` sequences of one new query each, a shared prefix of ``P`` positions, ``N``
+    cached own tokens per sequence, ``Hq``/``Hkv`` heads of dim ``D``."""
+
     B: int
     P: int  # shared prefix positions
     N: int  # own cached tokens per sequence
@@ -106,6 +109,9 @@ class _Graphed:
 
 
 def run_shape(s: DecodeShape, device: str, backends: list[str]) -> list[dict]:
+    """Time every backend in ``backends`` on shape ``s`` after checking its output against the
+    reference (a wrong one fails); ``[B, Hq, 1, D]`` queries, one row per method, with the KV
+    cache's size as each method holds it."""
     q, k, v, pk, pv = _inputs(s, device)
     kc, vc = _copied(q, k, v, pk, pv)
     gqa = s.Hq != s.Hkv

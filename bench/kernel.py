@@ -47,6 +47,9 @@ from .common import (
 
 @dataclass(frozen=True)
 class Shape:
+    """One training-attention case: ``B`` sequences of ``N`` tokens, ``Hq``/``Hkv`` heads of dim ``D``,
+    a shared prefix of ``P`` positions."""
+
     B: int
     Hq: int
     Hkv: int
@@ -237,6 +240,8 @@ def _time_method(fn, tensors, dout, s: Shape, device: str) -> dict:
 
 
 def run_shape(s: Shape, device: str, methods: list[str]) -> list[dict]:
+    """Time forward and forward+backward of every method in ``methods`` on shape ``s`` (inputs
+    ``[B, Hq, N, D]``, prefix ``[Hkv, P, D]``) after checking each against the reference; one row per method."""
     tensors = _inputs(s, device)
     dout = torch.randn(s.B, s.Hq, s.N, s.D, device=device, dtype=DTYPES[s.dtype])
     rows = []

@@ -300,6 +300,8 @@ def _train_config(variant: str, seed: int, steps: int):
 def run_one(
     task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
 ) -> dict:
+    """Train ``variant`` on ``task`` at ``seed`` for ``steps`` steps; return its row (accuracy on the
+    test split when ``evaluate_test``), as appended to the study's JSONL."""
     from reasoncache.app.demo import DEFAULTS
     from reasoncache.app.evaluate import evaluate
     from reasoncache.app.trainer import Trainer

@@ -58,6 +58,7 @@ CONFIGS = {
 
 
 def build(name: str, device: str, dtype: torch.dtype):
+    """The model ``name`` (``default``: SmolLM2-135M) on ``device`` in ``dtype``, for the training benchmark."""
     if name == "default":
         from reasoncache.app.models import load_model
 
