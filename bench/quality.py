@@ -123,6 +123,11 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-p24x8-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
     ),
+    # the lower half at P=8 and the upper half at P=24: at seed 0 arithmetic lost far more without
+    # the upper half's prefix (P=32 on the lower half only) than without the lower half's
+    "prefix-answers-b4-p8lo24hi-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=24, lengths=("blocks", (8, 24))
+    ),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
