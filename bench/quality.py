@@ -507,8 +507,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -
     from reasoncache.app.tasks import TASKS
 
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", nargs="+", default=["arithmetic"], choices=sorted(TASKS))
-    ap.add_argument("--variants", nargs="+", default=["lora", "prefix"], choices=sorted(VARIANTS))
+    # metavars keep the usage line short; the choices (still checked) are listed once, in the help
+    ap.add_argument(
+        "--task", nargs="+", default=["arithmetic"], choices=sorted(TASKS), metavar="TASK",
+        help=f"task families to run: {', '.join(sorted(TASKS))}",
+    )  # fmt: skip
+    ap.add_argument(
+        "--variants", nargs="+", default=["lora", "prefix"], choices=sorted(VARIANTS), metavar="VARIANT",
+        help=f"recipes to run (VARIANTS in bench/quality.py): {', '.join(sorted(VARIANTS))}",
+    )  # fmt: skip
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument(
         "--steps", type=int, default=100, help="training steps of batch 8 or of the variant's batch_size (demo: 100)"
