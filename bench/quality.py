@@ -188,6 +188,7 @@ class LayerLengths(torch.nn.Module):
         if len(lengths) != n or not all(isinstance(x, int) and 0 <= x <= p for x in lengths) or not any(lengths):
             raise ValueError(f"lengths must be {n} ints in [0, {p}], not all 0, got {lengths!r}")
         keys, values = full.tensors()
+        fp, offset = full.model_fingerprint, full.position_offset
         self.groups = torch.nn.ModuleList()
         self.index = {}  # layer -> (group, row in it)
         for length in sorted(set(lengths) - {0}):
@@ -195,7 +196,6 @@ class LayerLengths(torch.nn.Module):
             sub = dataclasses.replace(full.shape, num_layers=len(layers))
             self.index.update({layer: (len(self.groups), j) for j, layer in enumerate(layers)})
             k, v = keys[layers, :, :length], values[layers, :, :length]
-            fp, offset = full.model_fingerprint, full.position_offset
             self.groups.append(ReasonCache(sub, k, v, model_fingerprint=fp, position_offset=offset))
         self.full_shape = full.shape
         self.check_compatible = full.check_compatible  # the model must be the one the full cache was built for
