@@ -123,6 +123,13 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-p24x8-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
     ),
+    # the rate robustness sweep of the spread that kept both trade-off families within 0.03 of LoRA
+    "prefix-answers-b4-p24x8-lr1e-2": dict(
+        kind="prefix", init="answers", lr=1e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
+    ),
+    "prefix-answers-b4-p24x8-lr9e-2": dict(
+        kind="prefix", init="answers", lr=9e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
+    ),
     # the lower half at P=8 and the upper half at P=24: at seed 0 arithmetic lost far more without
     # the upper half's prefix (P=32 on the lower half only) than without the lower half's
     "prefix-answers-b4-p8lo24hi-lr3e-2": dict(
