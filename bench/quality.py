@@ -107,33 +107,27 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-rms-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, rms_scaled=True),
     # NOT at equal parameters: P=64 (737,280, 4x) at batch 4, to tell a recipe gap from what a prefix can hold
     "prefix-answers-b4-p64-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=64),
-    # the prefix's length at the same parameter budget: P=32 on half the layers (184,320, as P=16 on all 30)
+    # The prefix's length at the same parameter budget (480 prefix positions over SmolLM2's 30
+    # layers, 184,320 parameters, as P=16 on each), through per-layer lengths (``prefix_len`` as a
+    # sequence, repeated over the layers; 0: no prefix on that layer). P=32 on half the layers:
     "prefix-answers-b4-p32upper-lr3e-2": dict(
-        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=32, layers="upper"
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(0,) * 15 + (32,) * 15
     ),
-    "prefix-answers-b4-p32alt-lr3e-2": dict(
-        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=32, layers="alternate"
-    ),
-    # the same budget spread unevenly (480 prefix positions over 30 layers, as P=16 on each): the
-    # lower half at P=32 (the upper half alone lost on both families), and P=24 / P=8 alternating
-    # (between the default and P=32 on every second layer, which traded arithmetic for digit_sum)
+    "prefix-answers-b4-p32alt-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(32, 0)),
+    # spread unevenly: the lower half at P=32 (the upper half alone lost on both families), and P=24 /
+    # P=8 alternating (between the default and P=32 on every second layer, which traded arithmetic
+    # for digit_sum)
     "prefix-answers-b4-p32lower-lr3e-2": dict(
-        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=32, lengths=("blocks", (32, 0))
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(32,) * 15 + (0,) * 15
     ),
-    "prefix-answers-b4-p24x8-lr3e-2": dict(
-        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
-    ),
+    "prefix-answers-b4-p24x8-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
     # the rate robustness sweep of the spread that kept both trade-off families within 0.03 of LoRA
-    "prefix-answers-b4-p24x8-lr1e-2": dict(
-        kind="prefix", init="answers", lr=1e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
-    ),
-    "prefix-answers-b4-p24x8-lr9e-2": dict(
-        kind="prefix", init="answers", lr=9e-2, batch_size=4, prefix_len=24, lengths=("cycle", (24, 8))
-    ),
+    "prefix-answers-b4-p24x8-lr1e-2": dict(kind="prefix", init="answers", lr=1e-2, batch_size=4, prefix_len=(24, 8)),
+    "prefix-answers-b4-p24x8-lr9e-2": dict(kind="prefix", init="answers", lr=9e-2, batch_size=4, prefix_len=(24, 8)),
     # the lower half at P=8 and the upper half at P=24: at seed 0 arithmetic lost far more without
     # the upper half's prefix (P=32 on the lower half only) than without the lower half's
     "prefix-answers-b4-p8lo24hi-lr3e-2": dict(
-        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=24, lengths=("blocks", (8, 24))
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(8,) * 15 + (24,) * 15
     ),
 }
 
@@ -143,90 +137,6 @@ STUDY_BATCH = 8
 
 # relative to the working directory: run from the repository root, it appends to the committed results
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
-
-
-def layer_subset(which: str, num_layers: int) -> list[int]:
-    """The layers a variant's ``layers=`` keeps a prefix on: ``"upper"`` (the top half) or
-    ``"alternate"`` (0, 2, 4, ...); each is half of them."""
-    half = num_layers // 2
-    subsets = {"upper": list(range(num_layers - half, num_layers)), "alternate": list(range(0, num_layers, 2))[:half]}
-    if which not in subsets:
-        raise ValueError(f"layers must be one of {tuple(subsets)}, got {which!r}")
-    return subsets[which]
-
-
-def layer_lengths(spec: tuple[str, tuple[int, ...]], num_layers: int) -> list[int]:
-    """Each layer's prefix length under a variant's ``lengths=``: ``("cycle", (a, b, ...))``
-    repeats the pattern over the layers (layer ``i`` gets ``pattern[i % len(pattern)]``);
-    ``("blocks", (a, b, ...))`` splits the layers into ``len(pattern)`` contiguous blocks, as
-    even as can be, bottom first. A length of 0 leaves a layer without a prefix."""
-    kind, pattern = spec
-    if kind not in ("cycle", "blocks"):
-        raise ValueError(f"lengths must be ('cycle', pattern) or ('blocks', pattern), got kind {kind!r}")
-    if not pattern or not all(isinstance(n, int) and n >= 0 for n in pattern) or not any(pattern):
-        raise ValueError(f"lengths' pattern must be ints >= 0, not all 0, got {pattern!r}")
-    k = len(pattern)
-    if kind == "cycle":
-        return [pattern[i % k] for i in range(num_layers)]
-    if num_layers < k:
-        raise ValueError(f"lengths: {k} blocks need at least {k} layers, the model has {num_layers}")
-    return [pattern[b] for b in range(k) for _ in range(b * num_layers // k, (b + 1) * num_layers // k)]
-
-
-class LayerLengths(torch.nn.Module):
-    """A prefix of its own length on each layer, 0 for none: the study's way to spread a fixed
-    parameter budget unevenly over the layers, through ``patch``'s cache interface (``layer``,
-    ``check_compatible``: the full cache's, ``position_offset``).
-
-    ``full``: a ``ReasonCache`` of every layer (its keys and values ``[L, Hkv, P, D]``);
-    ``lengths``: one length in ``[0, P]`` per layer. Layer ``i`` keeps the first ``lengths[i]``
-    positions of ``full``'s prefix (for ``init="answers"`` that is the cache ``build_cache`` makes
-    at that length, as a causal model's first tokens do not see the later ones). The layers of one
-    length share a ``ReasonCache`` in ``self.groups`` (the trainable parameters: the sum over
-    layers of ``Hkv x lengths[i] x D``, each for keys and values)."""
-
-    def __init__(self, full, lengths: list[int]):
-        import dataclasses
-
-        from reasoncache import ReasonCache
-
-        super().__init__()
-        n, p = full.shape.num_layers, full.prefix_len
-        if len(lengths) != n or not all(isinstance(x, int) and 0 <= x <= p for x in lengths) or not any(lengths):
-            raise ValueError(f"lengths must be {n} ints in [0, {p}], not all 0, got {lengths!r}")
-        keys, values = full.tensors()
-        fp, offset = full.model_fingerprint, full.position_offset
-        self.groups = torch.nn.ModuleList()
-        self.index = {}  # layer -> (group, row in it)
-        for length in sorted(set(lengths) - {0}):
-            layers = [i for i, x in enumerate(lengths) if x == length]
-            sub = dataclasses.replace(full.shape, num_layers=len(layers))
-            self.index.update({layer: (len(self.groups), j) for j, layer in enumerate(layers)})
-            k, v = keys[layers, :, :length], values[layers, :, :length]
-            self.groups.append(ReasonCache(sub, k, v, model_fingerprint=fp, position_offset=offset))
-        self.full_shape = full.shape
-        self.check_compatible = full.check_compatible  # the model must be the one the full cache was built for
-        self.position_offset = full.position_offset
-
-    @classmethod
-    def subset(cls, full, layers: list[int]) -> LayerLengths:
-        """``full``'s whole prefix on ``layers``, none on the others."""
-        n = full.shape.num_layers
-        if not layers or len(set(layers)) != len(layers) or not all(0 <= i < n for i in layers):
-            raise ValueError(f"layers must be distinct indices in [0, {n}), got {layers!r}")
-        return cls(full, [full.prefix_len if i in layers else 0 for i in range(n)])
-
-    def layer(self, i: int):
-        """Layer ``i``'s ``(keys, values)``, each ``[Hkv, lengths[i], D]`` (``[Hkv, 0, D]`` for none)."""
-        if i not in self.index:
-            s = self.full_shape
-            empty = self.groups[0].keys.new_zeros(s.num_kv_heads, 0, s.head_dim)
-            return empty, empty
-        g, j = self.index[i]
-        return self.groups[g].layer(j)
-
-    def num_trainable_parameters(self) -> int:
-        return sum(g.num_trainable_parameters() for g in self.groups)
 
 
 def run_dir(task: str, variant: str, seed: int, steps: int) -> Path:
@@ -272,10 +182,6 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
         reparam_hidden=v.get("reparam_hidden", 0),
         rms_scaled=v.get("rms_scaled", False),
     )
-    if "layers" in v:
-        cache = LayerLengths.subset(cache, layer_subset(v["layers"], cache.shape.num_layers))
-    elif "lengths" in v:
-        cache = LayerLengths(cache, layer_lengths(v["lengths"], cache.shape.num_layers))
     n_prefix = cache.num_trainable_parameters()
     if v["kind"] == "prefix":
         patch(model, cache)

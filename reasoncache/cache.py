@@ -7,6 +7,7 @@ import json
 import math
 import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,6 +20,24 @@ from .hf.patch import record_keys_values
 
 CONFIG_NAME = "reasoncache_config.json"
 WEIGHTS_NAME = "reasoncache.safetensors"
+
+
+def per_layer_lengths(prefix_len: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """Each layer's prefix length, ``num_layers`` ints, from ``prefix_len``: an int gives every
+    layer that length; a sequence of ints is repeated over the layers (layer ``i`` gets
+    ``prefix_len[i % len(prefix_len)]``), so ``[24, 8]`` alternates 24 and 8 and a list of
+    ``num_layers`` lengths gives each layer its own. A length of 0 leaves a layer without a
+    prefix; at least one must be > 0. A ValueError names ``prefix_len`` when it is none of these."""
+    if is_int_at_least(prefix_len, 1):
+        return (prefix_len,) * num_layers
+    if isinstance(prefix_len, (str, bytes)) or not isinstance(prefix_len, Sequence):
+        raise ValueError(f"prefix_len must be an int >= 1 or a sequence of per-layer ints, got {prefix_len!r}")
+    pattern = list(prefix_len)
+    if not pattern or not all(is_int_at_least(x, 0) for x in pattern) or not any(pattern):
+        raise ValueError(f"prefix_len's per-layer lengths must be ints >= 0, at least one > 0, got {prefix_len!r}")
+    if len(pattern) > num_layers:
+        raise ValueError(f"prefix_len has {len(pattern)} per-layer lengths for a model of {num_layers} layers")
+    return tuple(pattern[i % len(pattern)] for i in range(num_layers))
 
 
 class ReasonCache(nn.Module):
@@ -39,6 +58,12 @@ class ReasonCache(nn.Module):
             optimizer step then moves keys and values by the same *relative* amount,
             though their scales differ by up to 40x (SmolLM2: keys ~2, values 0.05-1.8).
             ``fold()`` multiplies the scale back in.
+        layer_lengths: one prefix length per layer, each in ``[0, P]`` with ``P`` (the keys'
+            third dimension) the longest: layer ``i`` uses the first ``layer_lengths[i]``
+            positions of its ``[Hkv, P, D]`` and 0 leaves it without a prefix. The kept
+            positions stay where they are in the longest prefix (keys rotated for positions
+            ``-P..``), so a shorter layer's prefix sits further from the input than one built
+            at its own length would. ``None`` (the default): ``P`` on every layer.
     """
 
     def __init__(
@@ -52,6 +77,7 @@ class ReasonCache(nn.Module):
         rms_scaled: bool = False,
         model_fingerprint: str | None = None,
         position_offset: int = 0,
+        layer_lengths: Sequence[int] | None = None,
     ):
         super().__init__()
         expect = (shape.num_layers, shape.num_kv_heads, keys.shape[2], shape.head_dim)
@@ -64,8 +90,23 @@ class ReasonCache(nn.Module):
             raise ValueError("sink=True freezes position 0, so it needs prefix_len >= 2")
         if not is_int_at_least(reparam_hidden, 0):
             raise ValueError(f"reparam_hidden must be an int >= 0 (0: off), got {reparam_hidden!r}")
+        P = keys.shape[2]
+        if layer_lengths is None:
+            layer_lengths = (P,) * shape.num_layers
+        lengths = tuple(layer_lengths) if isinstance(layer_lengths, Sequence) else None
+        if (
+            lengths is None
+            or len(lengths) != shape.num_layers
+            or not all(is_int_at_least(x, 0) for x in lengths)
+            or max(lengths) != P
+        ):
+            raise ValueError(
+                f"layer_lengths must be {shape.num_layers} ints (one per layer) in [0, P={P}], the longest "
+                f"equal to P, got {layer_lengths!r}"
+            )
         self.shape = shape
-        self.prefix_len = keys.shape[2]
+        self.prefix_len = P
+        self.layer_lengths = lengths
         self.sink = sink
         self.reparam_hidden = int(reparam_hidden)
         self.rms_scaled = bool(rms_scaled)
@@ -96,8 +137,21 @@ class ReasonCache(nn.Module):
             self.values = nn.Parameter(values.clone())
 
     # ------------------------------------------------------------------ access
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer has the whole prefix (``layer_lengths`` all ``P``)."""
+        return all(x == self.prefix_len for x in self.layer_lengths)
+
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
-        """Prefix of layer ``i``: ``(keys, values)``, each ``[Hkv, P, D]`` fp32."""
+        """Prefix of layer ``i``: ``(keys, values)``, each ``[Hkv, layer_lengths[i], D]`` fp32
+        (``[Hkv, P, D]`` unless the layers have lengths of their own)."""
+        k, v = self._whole_layer(i)
+        n = self.layer_lengths[i]
+        if n < self.prefix_len:
+            k, v = k[:, :n], v[:, :n]
+        return k, v
+
+    def _whole_layer(self, i: int) -> tuple[Tensor, Tensor]:
         if self.reparam_hidden:
             L, H, P, D = self.base_keys.shape
             delta = self.mlp(self.embedding) @ self.head_weight[i] + self.head_bias[i]  # [P, 2*H*D]
@@ -113,8 +167,9 @@ class ReasonCache(nn.Module):
         return k, v
 
     def tensors(self) -> tuple[Tensor, Tensor]:
-        """All layers: keys and values ``[L, Hkv, P, D]`` each."""
-        pairs = [self.layer(i) for i in range(self.shape.num_layers)]
+        """All layers: keys and values ``[L, Hkv, P, D]`` each, at the longest length ``P``
+        (layer ``i`` uses the first ``layer_lengths[i]`` positions, see ``layer``)."""
+        pairs = [self._whole_layer(i) for i in range(self.shape.num_layers)]
         return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
 
     @torch.no_grad()
@@ -137,13 +192,21 @@ class ReasonCache(nn.Module):
         return self
 
     def num_trainable_parameters(self) -> int:
-        """How many scalars training updates (the cache's size in the equal-parameter comparisons)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """How many scalars training updates (the cache's size in the equal-parameter comparisons):
+        with per-layer lengths, only the positions a layer uses (the MLP of ``reparam_hidden``
+        serves every position, so it counts whole)."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if self.reparam_hidden or self.uniform:
+            return n
+        s, frozen = self.shape, int(self.sink)
+        unused = sum((self.prefix_len - frozen) - max(x - frozen, 0) for x in self.layer_lengths)
+        return n - 2 * unused * s.num_kv_heads * s.head_dim
 
     def extra_repr(self) -> str:
         s = self.shape
+        lengths = f"P={self.prefix_len}" if self.uniform else f"P per layer={list(self.layer_lengths)}"
         return (
-            f"{s.model_type}: {s.num_layers} layers x {s.num_kv_heads} kv heads x P={self.prefix_len} x "
+            f"{s.model_type}: {s.num_layers} layers x {s.num_kv_heads} kv heads x {lengths} x "
             f"D={s.head_dim}, sink={self.sink}, reparam_hidden={self.reparam_hidden}, rms_scaled={self.rms_scaled}"
         )
 
@@ -159,7 +222,7 @@ class ReasonCache(nn.Module):
     def for_model(
         cls,
         model: nn.Module,
-        prefix_len: int = 64,
+        prefix_len: int | Sequence[int] = 64,
         init: str = "random",
         *,
         seed: int = 0,
@@ -167,14 +230,17 @@ class ReasonCache(nn.Module):
         reparam_hidden: int = 0,
         rms_scaled: bool = False,
     ) -> ReasonCache:
-        """A fresh prefix for ``model``.
+        """A fresh prefix for ``model``: ``prefix_len`` positions on every layer, or per-layer
+        lengths (a sequence repeated over the layers, see ``per_layer_lengths``).
 
         ``init="random"``: Gaussian keys/values with each layer's own key/value scale
         (measured on one forward pass over random tokens). ``init="tokens"``: the
-        keys/values of ``prefix_len`` random vocabulary tokens placed before the input.
+        keys/values of ``P`` random vocabulary tokens placed before the input (``P`` the
+        longest length; a shorter layer keeps the first of them).
         """
-        if not is_int_at_least(prefix_len, 1):
-            raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
+        shape = model_shape(model)
+        lengths = per_layer_lengths(prefix_len, shape.num_layers)
+        prefix_len = max(lengths)
         if init not in ("random", "tokens"):
             raise ValueError(f"init must be 'random' or 'tokens' (or use from_demonstrations), got {init!r}")
         g = torch.Generator().manual_seed(seed)
@@ -182,10 +248,11 @@ class ReasonCache(nn.Module):
         device = next(model.parameters()).device
         if init == "tokens":
             ids = torch.randint(vocab, (1, prefix_len), generator=g).to(device)
-            return cls.from_demonstrations(model, ids, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled)
+            return cls.from_demonstrations(
+                model, ids, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled, layer_lengths=lengths
+            )
         probe = torch.randint(vocab, (1, 32), generator=g).to(device)
         k, v = record_keys_values(model, probe, torch.arange(32, device=device)[None])
-        shape = model_shape(model)
         std_k, std_v = k.std(dim=(1, 2, 3)), v.std(dim=(1, 2, 3))
         size = (shape.num_layers, shape.num_kv_heads, prefix_len, shape.head_dim)
         keys = torch.randn(size, generator=g) * std_k.cpu()[:, None, None, None]
@@ -199,6 +266,7 @@ class ReasonCache(nn.Module):
             rms_scaled=rms_scaled,
             model_fingerprint=fingerprint(model),
             position_offset=0,
+            layer_lengths=lengths,
         ).to(device)
 
     @classmethod
@@ -210,12 +278,15 @@ class ReasonCache(nn.Module):
         sink: bool = False,
         reparam_hidden: int = 0,
         rms_scaled: bool = False,
+        layer_lengths: Sequence[int] | None = None,
     ) -> ReasonCache:
         """The keys and values the model computes for ``demo_ids [1, P]`` placed right before
         its input (positions ``-P..-1``; absolute-position models such as GPT-2 instead see
         the demonstrations at ``0..P-1`` and, once patched, their input shifted by ``P``).
         The patched model then gives the same logits as the unpatched model on
-        demonstrations + input: ReasonCACHE's natural initialization."""
+        demonstrations + input: ReasonCACHE's natural initialization. ``layer_lengths``
+        (one int per layer, the longest ``P``): layer ``i`` keeps the first
+        ``layer_lengths[i]`` demonstration tokens, where they sit among the ``P``."""
         if not isinstance(demo_ids, Tensor) or demo_ids.dtype not in (torch.int32, torch.int64):
             got = demo_ids.dtype if isinstance(demo_ids, Tensor) else type(demo_ids).__name__
             raise TypeError(f"demo_ids must be an integer tensor of token ids [1, P], got {got}")
@@ -244,6 +315,7 @@ class ReasonCache(nn.Module):
             rms_scaled=rms_scaled,
             model_fingerprint=fingerprint(model),
             position_offset=P if absolute else 0,
+            layer_lengths=layer_lengths,
         ).to(device)
 
     @classmethod
@@ -291,6 +363,7 @@ class ReasonCache(nn.Module):
             "num_kv_heads": self.shape.num_kv_heads,
             "head_dim": self.shape.head_dim,
             "prefix_len": self.prefix_len,
+            "layer_lengths": None if self.uniform else list(self.layer_lengths),
             "dtype": "float32",
             "sink": self.sink,
             "reparam_hidden": self.reparam_hidden,
@@ -336,6 +409,7 @@ class ReasonCache(nn.Module):
             rms_scaled=cfg.get("rms_scaled", False),
             model_fingerprint=cfg.get("model_fingerprint"),
             position_offset=cfg.get("position_offset", 0),
+            layer_lengths=cfg.get("layer_lengths"),
         )
         cache.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
         if model is not None:
@@ -365,6 +439,8 @@ class ReasonCacheBank(nn.Module):
             why = [f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
             if c.prefix_len != first.prefix_len:
                 why.append(f"prefix_len {c.prefix_len} vs {first.prefix_len}")
+            elif c.layer_lengths != first.layer_lengths:
+                why.append(f"layer_lengths {list(c.layer_lengths)} vs {list(first.layer_lengths)}")
             if c.position_offset != first.position_offset:
                 why.append(f"position_offset {c.position_offset} vs {first.position_offset}")
             if why:
@@ -404,7 +480,7 @@ def build_cache(
     model: nn.Module,
     tok,
     examples: list,
-    prefix_len: int,
+    prefix_len: int | Sequence[int],
     init: str = "answers",
     *,
     seed: int = 0,
@@ -422,6 +498,9 @@ def build_cache(
     ``examples`` are objects with ``prompt`` and ``completion`` strings
     (``reasoncache.app.data.Example``); ``tok`` is the model's tokenizer.
     ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
+    ``prefix_len``: an int for every layer, or per-layer lengths (a sequence repeated over the
+    layers, see ``per_layer_lengths``): the answers are cut to the longest, and a shorter layer
+    keeps their first tokens.
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
@@ -429,8 +508,8 @@ def build_cache(
         return ReasonCache.for_model(
             model, prefix_len, init, seed=seed, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled
         )
-    if not is_int_at_least(prefix_len, 1):
-        raise ValueError(f"prefix_len must be an int >= 1, got {prefix_len!r}")
+    lengths = per_layer_lengths(prefix_len, model_shape(model).num_layers)
+    prefix_len = max(lengths)
     order = list(examples)
     random.Random(seed).shuffle(order)
     ids: list[int] = []
@@ -442,4 +521,6 @@ def build_cache(
     if len(ids) < prefix_len:
         raise ValueError(f"the training data has only {len(ids)} tokens; prefix_len={prefix_len} needs more")
     demo = torch.tensor([ids[:prefix_len]], device=next(model.parameters()).device)
-    return ReasonCache.from_demonstrations(model, demo, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled)
+    return ReasonCache.from_demonstrations(
+        model, demo, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled, layer_lengths=lengths
+    )

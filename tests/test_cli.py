@@ -173,6 +173,24 @@ def test_train_and_eval_read_other_field_names(workspace, capsys):
     assert "--prompt-field and --completion-field go together" in capsys.readouterr().err
 
 
+def test_train_takes_per_layer_prefix_lengths(workspace, capsys):
+    """--prefix-len 4,2 alternates 4 and 2 over the layers; the saved cache keeps the lengths
+    and eval loads it; a malformed list is an argparse error naming the flag."""
+    root, model = workspace
+    out = root / "per_layer_run"
+    common = ["--data", str(root / "train.jsonl"), "--model", model]
+    assert main(["train", *common, "--out", str(out), "--steps", "1", "--batch-size", "2", "--prefix-len", "4,2"]) == 0
+    assert "P per layer=[4, 2]" in capsys.readouterr().out
+    cfg = json.loads((out / "cache" / "reasoncache_config.json").read_text())
+    assert cfg["prefix_len"] == 4 and cfg["layer_lengths"] == [4, 2]
+    evaluate = ["eval", "--data", str(root / "test.jsonl"), "--model", model, "--cache", str(out)]
+    assert main([*evaluate, "--max-new-tokens", "2"]) == 0
+    for bad in ("4,x", "0,0", "0"):
+        with pytest.raises(SystemExit):
+            main(["train", *common, "--out", str(out), "--prefix-len", bad])
+        assert "--prefix-len" in capsys.readouterr().err
+
+
 def test_eval_baselines_frozen_model_and_in_context(workspace, capsys):
     """Without --cache, eval judges the frozen model; --shots K --shots-from F puts K
     demonstrations before every question, in the demo's prompt format."""

@@ -273,6 +273,57 @@ def test_sink_position_stays_frozen():
     assert cache.num_trainable_parameters() == 2 * 2 * 2 * 3 * 16
 
 
+def test_per_layer_lengths_cut_each_layer_train_only_what_is_used_and_round_trip(tmp_path):
+    """``prefix_len`` as per-layer lengths: layer ``i`` uses the first ``lengths[i]`` positions
+    of the longest prefix; only those train and count; saving, loading and stacking keep the
+    lengths; a length of 0 leaves the layer as the unpatched model's."""
+    from reasoncache.cache import per_layer_lengths
+
+    assert per_layer_lengths(16, 3) == (16, 16, 16)
+    assert per_layer_lengths([24, 8], 5) == (24, 8, 24, 8, 24)
+    assert per_layer_lengths((1, 2, 3), 3) == (1, 2, 3)
+    for bad, why in (
+        (0, "an int >= 1 or a sequence"),
+        ("16", "an int >= 1 or a sequence"),
+        ([0, 0], "at least one > 0"),
+        ([2, -1], "ints >= 0"),
+        ([True, 2], "ints >= 0"),
+        ([1, 2, 3], "3 per-layer lengths for a model of 2 layers"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            per_layer_lengths(bad, 2)
+    model = tiny_model("llama")
+    full = ReasonCache.for_model(model, prefix_len=4, init="random", seed=1)
+    cache = ReasonCache.for_model(model, prefix_len=[4, 1], init="random", seed=1)
+    assert cache.layer_lengths == (4, 1) and not cache.uniform and "P per layer=[4, 1]" in repr(cache)
+    torch.testing.assert_close(cache.layer(0), full.layer(0))
+    torch.testing.assert_close(cache.layer(1), tuple(t[:, :1] for t in full.layer(1)))
+    per_position = full.num_trainable_parameters() // (2 * 4)  # one position of one layer, keys + values
+    assert cache.num_trainable_parameters() == per_position * 5
+    ids = _ids(2, N)
+    reasoncache.patch(model, cache)(ids).logits.sum().backward()
+    for g in (cache.keys.grad, cache.values.grad):
+        assert g[0].abs().sum() > 0 and g[1, :, :1].abs().sum() > 0 and not g[1, :, 1:].any()
+    with torch.no_grad():
+        cache.keys[1, :, 1:] += 100.0  # positions layer 1 does not use change nothing
+        before = model(ids).logits
+    cache.save_pretrained(tmp_path)
+    loaded = ReasonCache.from_pretrained(tmp_path, model)
+    assert loaded.layer_lengths == (4, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(reasoncache.patch(model, loaded)(ids).logits, before)
+        none = reasoncache.patch(model, None)(ids).logits
+        half = ReasonCache.for_model(model, prefix_len=[0, 4], init="random", seed=1)
+        lower = reasoncache.patch(model, half)(ids).logits
+    assert half.layer(0)[0].shape == (2, 0, half.shape.head_dim) and not torch.allclose(lower, none)
+    sink = ReasonCache.for_model(model, prefix_len=[4, 0], init="tokens", sink=True)
+    assert sink.num_trainable_parameters() == per_position * 3  # layer 0 trains 3 of 4; layer 1 none
+    with pytest.raises(ValueError, match=r"layer_lengths \[4, 1\] vs \[4, 4\]"):
+        ReasonCache.stack([full, cache])
+    with pytest.raises(ValueError, match=r"layer_lengths must be 2 ints \(one per layer\) in \[0, P=4\]"):
+        ReasonCache(full.shape, *full.tensors(), layer_lengths=[2, 1])  # the longest must be P
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_input_errors():
     model = tiny_model("llama")

@@ -34,6 +34,21 @@ def _ema_decay(text: str) -> float:
     return v
 
 
+def _prefix_len(text: str) -> int | tuple[int, ...]:
+    """``--prefix-len``: ``16`` (every layer) or per-layer lengths ``24,8`` (repeated over the layers)."""
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints (24,8), got {text!r}") from None
+    if len(parts) == 1:
+        if parts[0] < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {parts[0]}")
+        return parts[0]
+    if min(parts) < 0 or not any(parts):
+        raise argparse.ArgumentTypeError(f"per-layer lengths must be >= 0, at least one > 0, got {text!r}")
+    return tuple(parts)
+
+
 def _device(arg: str | None) -> str:
     import torch
 
@@ -236,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder: cache/, checkpoint.pt, log.jsonl")
     _model_arg(t)
     _fields_arg(t)
-    t.add_argument("--prefix-len", type=int, default=16)
+    t.add_argument(
+        "--prefix-len", type=_prefix_len, default=16, metavar="P[,P...]",
+        help="prefix positions per layer (16), or per-layer lengths repeated over the layers: 24,8 gives even "
+        "layers 24 and odd layers 8",
+    )  # fmt: skip
     t.add_argument(
         "--init",
         default="answers",
