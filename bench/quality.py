@@ -134,6 +134,9 @@ VARIANTS: dict[str, dict] = {
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
 # not read from the demo's DEFAULTS, so that a variant's runs mean the same whatever the demo uses.
 STUDY_BATCH = 8
+# The study's prefix length for variants that name none, pinned for the same reason (the demo's
+# default became per-layer lengths after the study's P=16 runs).
+STUDY_PREFIX_LEN = 16
 
 # relative to the working directory: run from the repository root, it appends to the committed results
 DEFAULT_OUT = Path("bench") / "results" / "quality_cpu_smollm2.jsonl"
@@ -164,7 +167,6 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
     train/test split and trainable-parameter count; the same for ``run_one`` and ``--errors``."""
     from reasoncache import build_cache, patch
     from reasoncache.app.baselines import matched_lora
-    from reasoncache.app.demo import DEFAULTS
     from reasoncache.app.models import load_model
 
     v = VARIANTS[variant]
@@ -175,7 +177,7 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
         model,
         tok,
         train,
-        v.get("prefix_len", DEFAULTS["prefix_len"]),
+        v.get("prefix_len", STUDY_PREFIX_LEN),
         v.get("init", "demonstrations"),
         seed=seed,
         sink=v.get("sink", False),

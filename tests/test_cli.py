@@ -231,10 +231,12 @@ def test_demo_runs_end_to_end_on_a_tiny_model(workspace, tmp_path):
     out = tmp_path / "demo"
     res = run_demo(model_path=model, out=str(out), steps=2, quick=True, max_new_tokens=4)
     methods = [r["method"] for r in res["rows"]]
-    assert methods == ["zero-shot", "3-shot ICL", "ReasonCACHE (P=16)", methods[3]] and methods[3].startswith("LoRA")
+    assert methods == ["zero-shot", "3-shot ICL", "ReasonCACHE (P=24,8)", methods[3]] and methods[3].startswith("LoRA")
     rows = {r["method"]: r for r in res["rows"]}
     assert rows["3-shot ICL"]["prompt_tokens"] > rows["zero-shot"]["prompt_tokens"]
-    assert rows["ReasonCACHE (P=16)"]["trainable_params"] > 0 and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
+    prefix = rows["ReasonCACHE (P=24,8)"]
+    assert prefix["prefix_positions"] == 16  # per layer on average: the tiny model's 2 layers hold 24 and 8
+    assert prefix["trainable_params"] > 0 and all(0 <= r["accuracy"] <= 1 for r in res["rows"])
     assert (out / "results.json").is_file() and (out / "accuracy_vs_examples.png").is_file()
     assert (out / "reasoncache" / "cache" / "reasoncache.safetensors").is_file()
 
