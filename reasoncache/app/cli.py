@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
     from ..hf import patch
     from .data import load_jsonl
     from .models import load_model
-    from .trainer import TrainConfig, Trainer, plot_loss_curve, world
+    from .trainer import TrainConfig, Trainer, leave_world, plot_loss_curve, world
 
     fields = (args.prompt_field, args.completion_field)
     train = load_jsonl(args.data, *fields)
@@ -170,6 +170,7 @@ def cmd_train(args) -> int:
             print(
                 json.dumps({"accuracy": last[-1]["eval_accuracy"], "n": last[-1]["eval_n"], "step": last[-1]["step"]})
             )
+    leave_world()
     return 0
 
 

@@ -152,6 +152,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def leave_world() -> None:
+    """End the process group ``world`` started, once every process got here: left to
+    interpreter exit, the gloo group's threads are torn down in no set order, which can abort
+    a process that already finished its work (seen once in CI: SIGABRT, "terminate called
+    without an active exception"). Does nothing outside torchrun."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing under either transformers API name (5.23
     renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``)."""
