@@ -22,19 +22,29 @@ CONFIG_NAME = "reasoncache_config.json"
 WEIGHTS_NAME = "reasoncache.safetensors"
 
 
+def check_prefix_len(prefix_len: int | Sequence[int]) -> int | tuple[int, ...]:
+    """``prefix_len`` checked without a model: an int >= 1 (returned as is), or a sequence of
+    per-layer ints >= 0, at least one > 0 (returned as a tuple); else a ValueError naming
+    ``prefix_len``. The CLI checks ``--prefix-len`` with it before loading the model."""
+    if is_int_at_least(prefix_len, 1):
+        return prefix_len
+    if isinstance(prefix_len, (str, bytes)) or not isinstance(prefix_len, Sequence):
+        raise ValueError(f"prefix_len must be an int >= 1 or a sequence of per-layer ints, got {prefix_len!r}")
+    pattern = tuple(prefix_len)
+    if not pattern or not all(is_int_at_least(x, 0) for x in pattern) or not any(pattern):
+        raise ValueError(f"prefix_len's per-layer lengths must be ints >= 0, at least one > 0, got {prefix_len!r}")
+    return pattern
+
+
 def per_layer_lengths(prefix_len: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
     """Each layer's prefix length, ``num_layers`` ints, from ``prefix_len``: an int gives every
     layer that length; a sequence of ints is repeated over the layers (layer ``i`` gets
     ``prefix_len[i % len(prefix_len)]``), so ``[24, 8]`` alternates 24 and 8 and a list of
     ``num_layers`` lengths gives each layer its own. A length of 0 leaves a layer without a
     prefix; at least one must be > 0. A ValueError names ``prefix_len`` when it is none of these."""
-    if is_int_at_least(prefix_len, 1):
-        return (prefix_len,) * num_layers
-    if isinstance(prefix_len, (str, bytes)) or not isinstance(prefix_len, Sequence):
-        raise ValueError(f"prefix_len must be an int >= 1 or a sequence of per-layer ints, got {prefix_len!r}")
-    pattern = list(prefix_len)
-    if not pattern or not all(is_int_at_least(x, 0) for x in pattern) or not any(pattern):
-        raise ValueError(f"prefix_len's per-layer lengths must be ints >= 0, at least one > 0, got {prefix_len!r}")
+    pattern = check_prefix_len(prefix_len)
+    if isinstance(pattern, int):
+        return (pattern,) * num_layers
     if len(pattern) > num_layers:
         raise ValueError(f"prefix_len has {len(pattern)} per-layer lengths for a model of {num_layers} layers")
     return tuple(pattern[i % len(pattern)] for i in range(num_layers))

@@ -294,8 +294,9 @@ def test_the_study_s_per_layer_spreads_spend_the_default_budget():
     from reasoncache.bench import quality
     from reasoncache.cache import per_layer_lengths
 
-    spreads = {n: v["prefix_len"] for n, v in quality.VARIANTS.items() if not isinstance(v.get("prefix_len", 16), int)}
+    budget = quality.STUDY_PREFIX_LEN * 30
+    spreads = {n: v["prefix_len"] for n, v in quality.VARIANTS.items() if not isinstance(v.get("prefix_len", 0), int)}
     assert {"prefix-answers-b4-p32alt-lr3e-2", "prefix-answers-b4-p24x8-lr3e-2"} <= set(spreads)
     for name, spec in spreads.items():
-        assert sum(per_layer_lengths(spec, 30)) == 16 * 30, name
+        assert sum(per_layer_lengths(spec, 30)) == budget, name
     assert per_layer_lengths(spreads["prefix-answers-b4-p32upper-lr3e-2"], 30)[14:16] == (0, 32)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cache import CONFIG_NAME, INITS
+from ..cache import CONFIG_NAME, INITS, check_prefix_len
 
 
 def _fields_arg(p: argparse.ArgumentParser) -> None:
@@ -40,13 +40,10 @@ def _prefix_len(text: str) -> int | tuple[int, ...]:
         parts = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints (24,8), got {text!r}") from None
-    if len(parts) == 1:
-        if parts[0] < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {parts[0]}")
-        return parts[0]
-    if min(parts) < 0 or not any(parts):
-        raise argparse.ArgumentTypeError(f"per-layer lengths must be >= 0, at least one > 0, got {text!r}")
-    return tuple(parts)
+    try:
+        return check_prefix_len(parts[0] if len(parts) == 1 else parts)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _device(arg: str | None) -> str:
