@@ -129,6 +129,12 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-p8lo24hi-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(8,) * 15 + (24,) * 15
     ),
+    # p24x8 with the long prefix on the odd layers instead (layer 0 short), and p24x8 with no warmup
+    # (Adam starts from the answers initialization, not from noise; LoRA would get it too if it helped)
+    "prefix-answers-b4-p8x24-lr3e-2": dict(kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(8, 24)),
+    "prefix-answers-b4-p24x8-w0-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8), warmup_ratio=0.0
+    ),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
