@@ -135,6 +135,14 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-p24x8-w0-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8), warmup_ratio=0.0
     ),
+    # p24x8 initialized from the answers as the chat template's assistant turns (the prefix starts with
+    # <|im_start|>, the token every input starts with and the model's own attention sink), and p24x8
+    # with a slower decay (cosine to 10% of the rate, not to 0: the prefix was short of steps on
+    # two_quantities; LoRA would get either if it helped)
+    "prefix-turns-b4-p24x8-lr3e-2": dict(kind="prefix", init="turns", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
+    "prefix-answers-b4-p24x8-cos10-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8), min_lr_ratio=0.1
+    ),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,

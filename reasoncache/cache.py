@@ -483,7 +483,21 @@ class ReasonCacheBank(nn.Module):
 
 
 # build_cache's initializations, the default first (the CLI's --init offers the same)
-INITS = ("answers", "demonstrations", "random", "tokens")
+INITS = ("answers", "demonstrations", "random", "tokens", "turns")
+
+
+def _assistant_turn(tok, ex) -> str:
+    """``ex``'s worked answer as the chat template writes an assistant turn (for ChatML,
+    ``<|im_start|>assistant\\n{completion}<|im_end|>\\n``): the text the template adds for the
+    answer after the user's turn."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("init='turns' needs a tokenizer with a chat template; use init='answers'")
+    user = [{"role": "user", "content": ex.prompt}]
+    head = tok.apply_chat_template(user, tokenize=False)
+    full = tok.apply_chat_template(user + [{"role": "assistant", "content": ex.completion}], tokenize=False)
+    if not full.startswith(head):
+        raise ValueError("init='turns': the chat template writes the user's turn differently when an answer follows")
+    return full[len(head) :]
 
 
 def build_cache(
@@ -524,7 +538,10 @@ def build_cache(
     random.Random(seed).shuffle(order)
     ids: list[int] = []
     for e in order:
-        text = f"{e.completion}\n\n" if init == "answers" else f"{e.prompt}\n{e.completion}\n\n"
+        if init == "turns":
+            text = _assistant_turn(tok, e)
+        else:
+            text = f"{e.completion}\n\n" if init == "answers" else f"{e.prompt}\n{e.completion}\n\n"
         ids += tok(text, add_special_tokens=False).input_ids
         if len(ids) >= prefix_len:
             break
