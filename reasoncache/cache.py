@@ -521,6 +521,9 @@ def build_cache(
     and worked answer), see ``bench/results/quality.md``.
     ``examples`` are objects with ``prompt`` and ``completion`` strings
     (``reasoncache.app.data.Example``); ``tok`` is the model's tokenizer.
+    ``init="turns"``: the same answers written as the tokenizer's chat template writes an
+    assistant turn (for ChatML ``<|im_start|>assistant`` first, the token every chat input
+    starts with); it needs a chat template.
     ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
     ``prefix_len``: an int for every layer, or per-layer lengths (a sequence repeated over the
     layers, see ``per_layer_lengths``): the answers are cut to the longest, and a shorter layer

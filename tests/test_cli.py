@@ -311,3 +311,13 @@ def test_train_ema_decay_out_of_range_names_the_flag(capsys):
             build_parser().parse_args(["train", "--data", "d.jsonl", "--out", "o", "--ema-decay", bad])
         assert "argument --ema-decay:" in capsys.readouterr().err
     assert build_parser().parse_args(["train", "--data", "d", "--out", "o", "--ema-decay", "0.99"]).ema_decay == 0.99
+
+
+def test_train_init_turns_needs_the_chat_template(workspace, capsys, tmp_path):
+    """--init turns trains from the answers as assistant turns; with --no-chat-template it is
+    refused (before the model loads) by naming both flags."""
+    root, model = workspace
+    assert main(_train_args(root, model, tmp_path / "turns", "--init", "turns")) == 0
+    capsys.readouterr()
+    assert main(_train_args(root, model, tmp_path / "plain", "--init", "turns", "--no-chat-template")) == 2
+    assert "--init turns" in capsys.readouterr().err and not (tmp_path / "plain").exists()

@@ -11,6 +11,7 @@ import reasoncache
 from reasoncache import build_cache
 from reasoncache.app.tasks import make_split
 from reasoncache.app.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, lr_multiplier
+from reasoncache.cache import per_layer_lengths
 from tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -193,6 +194,24 @@ def test_answers_init_is_the_worked_answers_as_a_demonstration():
     assert torch.equal(cache.keys, want.keys) and torch.equal(cache.values, want.values)
     assert torch.equal(build_cache(model, tok, train, 6, seed=3).keys, cache.keys)  # the default
     assert not torch.equal(cache.keys, build_cache(model, tok, train, 6, init="demonstrations", seed=3).keys)
+
+
+def test_turns_init_is_the_answers_as_the_chat_templates_assistant_turns():
+    """init="turns": the worked answers written as the chat template writes an assistant turn
+    (the tiny template's "A: ...\\n"), the same shuffle and cut as "answers"; a tokenizer
+    without a chat template is refused by name."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("arithmetic", 8, 0)
+    cache = build_cache(model, tok, train, [10, 4], init="turns", seed=3)
+    order = list(train)
+    __import__("random").Random(3).shuffle(order)
+    ids = tok(f"A: {order[0].completion}\n", add_special_tokens=False).input_ids[:10]
+    lengths = per_layer_lengths([10, 4], model.config.num_hidden_layers)
+    want = reasoncache.ReasonCache.from_demonstrations(model, torch.tensor([ids]), layer_lengths=lengths)
+    assert torch.equal(cache.keys, want.keys) and torch.equal(cache.values, want.values)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="init='turns' needs a tokenizer with a chat template"):
+        build_cache(model, tok, train, 4, init="turns")
 
 
 def _free_port() -> int:

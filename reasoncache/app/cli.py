@@ -120,6 +120,8 @@ def cmd_train(args) -> int:
         packing=not args.no_packing,
     )
     cfg.check()
+    if args.init == "turns" and args.no_chat_template:
+        raise ValueError("--init turns writes the answers as chat-template turns; it cannot go with --no-chat-template")
     rank, n = world()
     if args.fsdp and n < 2:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N, N >= 2")
@@ -259,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="answers",
         choices=INITS,
         help="answers: keys/values of training answers (the suite's best, bench/results/quality.md); demonstrations: "
-        "questions and answers",
+        "questions and answers; turns: answers as the chat template's assistant turns",
     )
     t.add_argument("--steps", type=int, default=300)
     t.add_argument(
