@@ -148,6 +148,15 @@ def test_task_split_is_disjoint_reproducible_and_self_consistent(task):
     assert len(TASKS) >= 6
 
 
+def test_rank_in_list_answers_the_asked_rank_of_the_prompts_numbers():
+    ranks = ["smallest", "second smallest", "middle", "second largest", "largest"]
+    for e in make_split("rank_in_list", 50, 0, seed=1)[0]:
+        head, nums = e.prompt.rstrip("?").split(" of ")
+        values = sorted(int(x) for x in nums.split(", "))
+        k = ranks.index(head.removeprefix("Which number is the "))
+        assert len(values) == 5 and e.answer == str(values[k])
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_every_family_has_enough_distinct_examples_for_a_200_step_study_run(task):
     """bench quality trains on steps x 8 examples and tests on 200, all distinct: 200 steps

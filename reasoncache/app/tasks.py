@@ -133,6 +133,21 @@ def mean_of_three(rng: random.Random) -> Example:
     return Example(f"What is the average of {a}, {b} and {c}?", f"{steps} #### {total // 3}", str(total // 3))
 
 
+_RANKS = ["smallest", "second smallest", "middle", "second largest", "largest"]
+
+
+def rank_in_list(rng: random.Random) -> Example:
+    """'Which number is the second smallest of 41, 17, 88, 23, 65?' -> 'In order: 17, 23, 41,
+    65, 88. The second smallest is 23. #### 23'. Added with the study finished, as a second
+    family nobody tuned on, and of another shape: ordering, no arithmetic."""
+    nums = rng.sample(range(10, 100), 5)
+    k = rng.randrange(5)
+    order = sorted(nums)
+    prompt = f"Which number is the {_RANKS[k]} of {', '.join(map(str, nums))}?"
+    body = f"In order: {', '.join(map(str, order))}. The {_RANKS[k]} is {order[k]}."
+    return Example(prompt, f"{body} #### {order[k]}", str(order[k]))
+
+
 TASKS = {
     "arithmetic": arithmetic_chain,
     "digit_sum": digit_sum,
@@ -142,6 +157,7 @@ TASKS = {
     "compare_sums": compare_sums,
     "two_quantities": two_quantities,
     "mean_of_three": mean_of_three,
+    "rank_in_list": rank_in_list,
 }
 
 
