@@ -543,8 +543,10 @@ def build_cache(
     for e in order:
         if init == "turns":
             text = _assistant_turn(tok, e)
-        else:
-            text = f"{e.completion}\n\n" if init == "answers" else f"{e.prompt}\n{e.completion}\n\n"
+        elif init == "answers":
+            text = f"{e.completion}\n\n"
+        else:  # "demonstrations"
+            text = f"{e.prompt}\n{e.completion}\n\n"
         ids += tok(text, add_special_tokens=False).input_ids
         if len(ids) >= prefix_len:
             break
