@@ -140,6 +140,9 @@ VARIANTS: dict[str, dict] = {
     # with a slower decay (cosine to 10% of the rate, not to 0: the prefix was short of steps on
     # two_quantities; LoRA would get either if it helped)
     "prefix-turns-b4-p24x8-lr3e-2": dict(kind="prefix", init="turns", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
+    # p24x8 initialized from the end of an 8-shot prompt (init="context"): the last 24 tokens' keys and
+    # values computed with the 8 demonstrations before them in context, not the answers alone
+    "prefix-context-b4-p24x8-lr3e-2": dict(kind="prefix", init="context", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
     "prefix-answers-b4-p24x8-cos10-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8), min_lr_ratio=0.1
     ),

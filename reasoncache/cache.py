@@ -289,6 +289,7 @@ class ReasonCache(nn.Module):
         reparam_hidden: int = 0,
         rms_scaled: bool = False,
         layer_lengths: Sequence[int] | None = None,
+        keep_last: int | None = None,
     ) -> ReasonCache:
         """The keys and values the model computes for ``demo_ids [1, P]`` placed right before
         its input (positions ``-P..-1``; absolute-position models such as GPT-2 instead see
@@ -296,7 +297,11 @@ class ReasonCache(nn.Module):
         The patched model then gives the same logits as the unpatched model on
         demonstrations + input: ReasonCACHE's natural initialization. ``layer_lengths``
         (one int per layer, the longest ``P``): layer ``i`` keeps the first
-        ``layer_lengths[i]`` demonstration tokens, where they sit among the ``P``."""
+        ``layer_lengths[i]`` demonstration tokens, where they sit among the ``P``.
+        ``keep_last``: only the last ``keep_last`` tokens of ``demo_ids [1, N]`` become the
+        prefix (``P = keep_last``); the tokens before them are context their keys and values
+        were computed with, and are then dropped (still at positions ``-N..-1``, so the kept
+        ones sit right before the input)."""
         if not isinstance(demo_ids, Tensor) or demo_ids.dtype not in (torch.int32, torch.int64):
             got = demo_ids.dtype if isinstance(demo_ids, Tensor) else type(demo_ids).__name__
             raise TypeError(f"demo_ids must be an integer tensor of token ids [1, P], got {got}")
@@ -310,12 +315,16 @@ class ReasonCache(nn.Module):
                 f"demo_ids must lie in [0, vocab_size={vocab}), got range "
                 f"[{int(demo_ids.min())}, {int(demo_ids.max())}]"
             )
+        N = demo_ids.shape[1]
+        if keep_last is not None and not (is_int_at_least(keep_last, 1) and keep_last <= N):
+            raise ValueError(f"keep_last must be an int in [1, {N}] (demo_ids' length) or None, got {keep_last!r}")
         device = next(model.parameters()).device
-        P = demo_ids.shape[1]
         absolute = uses_absolute_positions(model)
-        start = 0 if absolute else -P
-        pos = torch.arange(start, start + P, device=device)[None]
+        start = 0 if absolute else -N
+        pos = torch.arange(start, start + N, device=device)[None]
         k, v = record_keys_values(model, demo_ids.to(device), pos)
+        if keep_last is not None:
+            k, v = k[:, :, N - keep_last :], v[:, :, N - keep_last :]
         return cls(
             model_shape(model),
             k,
@@ -324,7 +333,7 @@ class ReasonCache(nn.Module):
             reparam_hidden=reparam_hidden,
             rms_scaled=rms_scaled,
             model_fingerprint=fingerprint(model),
-            position_offset=P if absolute else 0,
+            position_offset=N if absolute else 0,
             layer_lengths=layer_lengths,
         ).to(device)
 
@@ -483,7 +492,9 @@ class ReasonCacheBank(nn.Module):
 
 
 # build_cache's initializations, the default first (the CLI's --init offers the same)
-INITS = ("answers", "demonstrations", "random", "tokens", "turns")
+INITS = ("answers", "context", "demonstrations", "random", "tokens", "turns")
+# demonstrations the "context" initialization computes its prefix after
+CONTEXT_SHOTS = 8
 
 
 def _assistant_turn(tok, ex) -> str:
@@ -524,6 +535,10 @@ def build_cache(
     ``init="turns"``: the same answers written as the tokenizer's chat template writes an
     assistant turn (for ChatML ``<|im_start|>assistant`` first, the token every chat input
     starts with); it needs a chat template.
+    ``init="context"``: ``CONTEXT_SHOTS`` demonstrations (question and worked answer, plain
+    text, shuffled by ``seed``) in one sequence; the prefix is its last ``prefix_len`` tokens,
+    whose keys and values were computed with all of them in context (the end of a many-shot
+    prompt, kept without the tokens before it).
     ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
     ``prefix_len``: an int for every layer, or per-layer lengths (a sequence repeated over the
     layers, see ``per_layer_lengths``): the answers are cut to the longest, and a shorter layer
@@ -540,6 +555,24 @@ def build_cache(
     order = list(examples)
     random.Random(seed).shuffle(order)
     ids: list[int] = []
+    if init == "context":
+        ids = []
+        for e in order[:CONTEXT_SHOTS]:
+            ids += tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
+        if len(ids) <= prefix_len:
+            raise ValueError(
+                f"the training data has only {len(ids)} tokens; init='context' needs more than {prefix_len}"
+            )
+        demo = torch.tensor([ids], device=next(model.parameters()).device)
+        return ReasonCache.from_demonstrations(
+            model,
+            demo,
+            sink=sink,
+            reparam_hidden=reparam_hidden,
+            rms_scaled=rms_scaled,
+            layer_lengths=lengths,
+            keep_last=prefix_len,
+        )
     for e in order:
         if init == "turns":
             text = _assistant_turn(tok, e)
