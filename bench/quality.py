@@ -143,6 +143,12 @@ VARIANTS: dict[str, dict] = {
     # p24x8 initialized from the end of an 8-shot prompt (init="context"): the last 24 tokens' keys and
     # values computed with the 8 demonstrations before them in context, not the answers alone
     "prefix-context-b4-p24x8-lr3e-2": dict(kind="prefix", init="context", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
+    # p24x8 with each layer's position 0 frozen (sink=True): the answers' first token is a sequence-first
+    # token, the attention sink the input's own first token stops being once it sees a prefix; training
+    # moves its values by about their norm (quality.md). 172,800 trainable parameters, LoRA's count
+    "prefix-answers-b4-p24x8-sink-lr3e-2": dict(
+        kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8), sink=True
+    ),
     "prefix-answers-b4-p24x8-cos10-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8), min_lr_ratio=0.1
     ),
