@@ -140,8 +140,8 @@ VARIANTS: dict[str, dict] = {
     # with a slower decay (cosine to 10% of the rate, not to 0: the prefix was short of steps on
     # two_quantities; LoRA would get either if it helped)
     "prefix-turns-b4-p24x8-lr3e-2": dict(kind="prefix", init="turns", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
-    # p24x8 initialized from the end of an 8-shot prompt (init="context"): the last 24 tokens' keys and
-    # values computed with the 8 demonstrations before them in context, not the answers alone
+    # p24x8 initialized from the end of an 8-shot prompt (init="context", bench only: context_cache): the
+    # last 24 tokens' keys and values computed with the 8 demonstrations before them in context
     "prefix-context-b4-p24x8-lr3e-2": dict(kind="prefix", init="context", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
     # p24x8 with each layer's position 0 frozen (sink=True): the answers' first token is a sequence-first
     # token, the attention sink the input's own first token stops being once it sees a prefix; training
@@ -185,6 +185,33 @@ def split(task: str, variant: str, seed: int, steps: int, n_test: int | None = N
     return make_split(task, seen // epochs, n_test or DEFAULTS["n_test"], seed)
 
 
+# demonstrations the bench-only "context" initialization computes its prefix after
+CONTEXT_SHOTS = 8
+
+
+def context_cache(model, tok, train: list, prefix_len, seed: int):
+    """The screened ``init="context"`` (bench only, it lost; quality.md): ``CONTEXT_SHOTS`` training
+    demonstrations (question and worked answer, plain text, shuffled by ``seed`` as ``build_cache``
+    shuffles) in one sequence, and the prefix its last ``max(prefix_len)`` tokens, their keys and
+    values ``[layers, kv heads, P, head dim]`` computed with all of them in context."""
+    import random
+
+    from reasoncache import ReasonCache
+    from reasoncache.cache import model_shape, per_layer_lengths
+
+    lengths = per_layer_lengths(prefix_len, model_shape(model).num_layers)
+    order = list(train)
+    random.Random(seed).shuffle(order)
+    ids = [
+        i
+        for e in order[:CONTEXT_SHOTS]
+        for i in tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
+    ]
+    if len(ids) <= max(lengths):
+        raise ValueError(f"{CONTEXT_SHOTS} demonstrations make only {len(ids)} tokens; prefix_len needs more")
+    return ReasonCache.from_demonstrations(model, torch.tensor([ids]), layer_lengths=lengths, keep_last=max(lengths))
+
+
 def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test: int | None):
     """The run's model (patched with its initial prefix, or wrapped with LoRA), tokenizer,
     train/test split and trainable-parameter count; the same for ``run_one`` and ``--errors``."""
@@ -196,17 +223,20 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
     torch.manual_seed(seed)
     model, tok = load_model(model_path, device="cpu")
     train, test = split(task, variant, seed, steps, n_test)
-    cache = build_cache(
-        model,
-        tok,
-        train,
-        v.get("prefix_len", STUDY_PREFIX_LEN),
-        v.get("init", "demonstrations"),
-        seed=seed,
-        sink=v.get("sink", False),
-        reparam_hidden=v.get("reparam_hidden", 0),
-        rms_scaled=v.get("rms_scaled", False),
-    )
+    if v.get("init") == "context":
+        cache = context_cache(model, tok, train, v["prefix_len"], seed)
+    else:
+        cache = build_cache(
+            model,
+            tok,
+            train,
+            v.get("prefix_len", STUDY_PREFIX_LEN),
+            v.get("init", "demonstrations"),
+            seed=seed,
+            sink=v.get("sink", False),
+            reparam_hidden=v.get("reparam_hidden", 0),
+            rms_scaled=v.get("rms_scaled", False),
+        )
     n_prefix = cache.num_trainable_parameters()
     if v["kind"] == "prefix":
         patch(model, cache)

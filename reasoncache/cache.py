@@ -301,7 +301,9 @@ class ReasonCache(nn.Module):
         ``keep_last``: only the last ``keep_last`` tokens of ``demo_ids [1, N]`` become the
         prefix (``P = keep_last``); the tokens before them are context their keys and values
         were computed with, and are then dropped (still at positions ``-N..-1``, so the kept
-        ones sit right before the input)."""
+        ones sit right before the input). Such a prefix holds no sequence-first token, the
+        attention sink the input's own first token stops being once it sees a prefix; on
+        SmolLM2 it starts training far worse than one that does (bench/results/quality.md)."""
         if not isinstance(demo_ids, Tensor) or demo_ids.dtype not in (torch.int32, torch.int64):
             got = demo_ids.dtype if isinstance(demo_ids, Tensor) else type(demo_ids).__name__
             raise TypeError(f"demo_ids must be an integer tensor of token ids [1, P], got {got}")
@@ -492,9 +494,7 @@ class ReasonCacheBank(nn.Module):
 
 
 # build_cache's initializations, the default first (the CLI's --init offers the same)
-INITS = ("answers", "context", "demonstrations", "random", "tokens", "turns")
-# demonstrations the "context" initialization computes its prefix after
-CONTEXT_SHOTS = 8
+INITS = ("answers", "demonstrations", "random", "tokens", "turns")
 
 
 def _assistant_turn(tok, ex) -> str:
@@ -535,10 +535,6 @@ def build_cache(
     ``init="turns"``: the same answers written as the tokenizer's chat template writes an
     assistant turn (for ChatML ``<|im_start|>assistant`` first, the token every chat input
     starts with); it needs a chat template.
-    ``init="context"``: ``CONTEXT_SHOTS`` demonstrations (question and worked answer, plain
-    text, shuffled by ``seed``) in one sequence; the prefix is its last ``prefix_len`` tokens,
-    whose keys and values were computed with all of them in context (the end of a many-shot
-    prompt, kept without the tokens before it).
     ``"random"`` / ``"tokens"``: see ``ReasonCache.for_model``.
     ``prefix_len``: an int for every layer, or per-layer lengths (a sequence repeated over the
     layers, see ``per_layer_lengths``): the answers are cut to the longest, and a shorter layer
@@ -555,24 +551,6 @@ def build_cache(
     order = list(examples)
     random.Random(seed).shuffle(order)
     ids: list[int] = []
-    if init == "context":
-        ids = []
-        for e in order[:CONTEXT_SHOTS]:
-            ids += tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
-        if len(ids) <= prefix_len:
-            raise ValueError(
-                f"the training data has only {len(ids)} tokens; init='context' needs more than {prefix_len}"
-            )
-        demo = torch.tensor([ids], device=next(model.parameters()).device)
-        return ReasonCache.from_demonstrations(
-            model,
-            demo,
-            sink=sink,
-            reparam_hidden=reparam_hidden,
-            rms_scaled=rms_scaled,
-            layer_lengths=lengths,
-            keep_last=prefix_len,
-        )
     for e in order:
         if init == "turns":
             text = _assistant_turn(tok, e)

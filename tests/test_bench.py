@@ -300,3 +300,26 @@ def test_the_study_s_per_layer_spreads_spend_the_default_budget():
     for name, spec in spreads.items():
         assert sum(per_layer_lengths(spec, 30)) == budget, name
     assert per_layer_lengths(spreads["prefix-answers-b4-p32upper-lr3e-2"], 30)[14:16] == (0, 32)
+
+
+def test_the_context_screen_s_prefix_is_the_tail_of_its_demonstrations():
+    """The bench-only context initialization: the last ``max(prefix_len)`` tokens of
+    ``CONTEXT_SHOTS`` shuffled demonstrations, computed with all of them in context."""
+    import random
+
+    from reasoncache import ReasonCache
+    from reasoncache.app.tasks import make_split
+    from reasoncache.bench import quality
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    train, _ = make_split("arithmetic", 12, 0)
+    cache = quality.context_cache(model, tok, train, (8, 3), seed=3)
+    order = list(train)
+    random.Random(3).shuffle(order)
+    demos = [tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids for e in order[:8]]
+    assert quality.CONTEXT_SHOTS == 8
+    ids = torch.tensor([[i for d in demos for i in d]])
+    want = ReasonCache.from_demonstrations(model, ids, layer_lengths=cache.layer_lengths, keep_last=8)
+    assert cache.layer_lengths[:2] == (8, 3)
+    assert torch.equal(cache.keys, want.keys) and torch.equal(cache.values, want.values)

@@ -214,33 +214,24 @@ def test_turns_init_is_the_answers_as_the_chat_templates_assistant_turns():
         build_cache(model, tok, train, 4, init="turns")
 
 
-def test_context_init_is_the_end_of_a_many_shot_prompt():
-    """init="context": the prefix is the last prefix_len tokens of CONTEXT_SHOTS demonstrations,
-    computed with all of them in context. Layer 0's keys and values depend only on each token and
-    its position, so there they equal the tail run alone at the same positions; deeper layers saw
-    the context, so there they differ. A keep_last longer than the demonstrations is refused."""
-    from reasoncache.cache import CONTEXT_SHOTS
-
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    train, _ = make_split("arithmetic", 12, 0)
-    cache = build_cache(model, tok, train, [8, 3], init="context", seed=3)
-    order = list(train)
-    __import__("random").Random(3).shuffle(order)
-    ids = [
-        i
-        for e in order[:CONTEXT_SHOTS]
-        for i in tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
-    ]
-    lengths = per_layer_lengths([8, 3], model.config.num_hidden_layers)
-    want = reasoncache.ReasonCache.from_demonstrations(model, torch.tensor([ids]), layer_lengths=lengths, keep_last=8)
-    assert cache.prefix_len == 8 and cache.layer_lengths == tuple(lengths)
-    assert torch.equal(cache.keys, want.keys) and torch.equal(cache.values, want.values)
-    tail = reasoncache.ReasonCache.from_demonstrations(model, torch.tensor([ids[-8:]]), layer_lengths=lengths)
+def test_keep_last_keeps_the_tail_computed_with_the_context():
+    """from_demonstrations(keep_last=P): the prefix is the last P tokens' keys and values,
+    computed with the tokens before them in context and at the positions right before the
+    input. Layer 0 depends only on each token and its position, so there it equals the tail run
+    alone; deeper layers saw the context, so there it differs. A keep_last longer than the
+    demonstrations is refused by name."""
+    model = tiny_model("llama")
+    ids = torch.arange(3, 23)[None]  # 20 tokens
+    lengths = per_layer_lengths([6, 2], model.config.num_hidden_layers)
+    cache = reasoncache.ReasonCache.from_demonstrations(model, ids, layer_lengths=lengths, keep_last=6)
+    assert cache.prefix_len == 6 and cache.layer_lengths == tuple(lengths)
+    tail = reasoncache.ReasonCache.from_demonstrations(model, ids[:, -6:], layer_lengths=lengths)
     torch.testing.assert_close(cache.keys[0], tail.keys[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.values[0], tail.values[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(cache.values[1], tail.values[1], atol=1e-3)
-    with pytest.raises(ValueError, match=r"keep_last must be an int in \[1, 4\]"):
-        reasoncache.ReasonCache.from_demonstrations(model, torch.tensor([ids[:4]]), keep_last=5)
+    for bad in (0, 21, 2.0):
+        with pytest.raises(ValueError, match=r"keep_last must be an int in \[1, 20\]"):
+            reasoncache.ReasonCache.from_demonstrations(model, ids, keep_last=bad)
 
 
 def _free_port() -> int:

@@ -261,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="answers",
         choices=INITS,
         help="answers: keys/values of training answers (the suite's best, bench/results/quality.md); demonstrations: "
-        "questions and answers; turns: answers as the chat template's assistant turns; context: the last tokens of "
-        "8 demonstrations, computed with all of them in context",
+        "questions and answers; turns: answers as the chat template's assistant turns",
     )
     t.add_argument("--steps", type=int, default=300)
     t.add_argument(
