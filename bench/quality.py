@@ -140,9 +140,19 @@ VARIANTS: dict[str, dict] = {
     # with a slower decay (cosine to 10% of the rate, not to 0: the prefix was short of steps on
     # two_quantities; LoRA would get either if it helped)
     "prefix-turns-b4-p24x8-lr3e-2": dict(kind="prefix", init="turns", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
-    # p24x8 initialized from the end of an 8-shot prompt (init="context", bench only: context_cache): the
-    # last 24 tokens' keys and values computed with the 8 demonstrations before them in context
+    # p24x8 initialized from the end of an 8-shot prompt (init="context", bench only: bench_init_cache):
+    # the last 24 tokens' keys and values computed with the 8 demonstrations before them in context; and
+    # two more bench-only inits for --init-loss (is a sequence-first token at position 0 what it lacks?)
     "prefix-context-b4-p24x8-lr3e-2": dict(kind="prefix", init="context", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
+    "prefix-context-first-b4-p24x8-lr3e-2": dict(
+        kind="prefix", init="context-first", lr=3e-2, batch_size=4, prefix_len=(24, 8)
+    ),
+    "prefix-answers-nofirst-b4-p24x8-lr3e-2": dict(
+        kind="prefix", init="answers-nofirst", lr=3e-2, batch_size=4, prefix_len=(24, 8)
+    ),
+    "prefix-demonstrations-b4-p24x8-lr3e-2": dict(
+        kind="prefix", init="demonstrations", lr=3e-2, batch_size=4, prefix_len=(24, 8)
+    ),
     # p24x8 with each layer's position 0 frozen (sink=True): the answers' first token is a sequence-first
     # token, the attention sink the input's own first token stops being once it sees a prefix; training
     # moves its values by about their norm (quality.md). 172,800 trainable parameters, LoRA's count
@@ -185,31 +195,58 @@ def split(task: str, variant: str, seed: int, steps: int, n_test: int | None = N
     return make_split(task, seen // epochs, n_test or DEFAULTS["n_test"], seed)
 
 
-# demonstrations the bench-only "context" initialization computes its prefix after
+# demonstrations the bench-only "context" initializations compute their prefix after
 CONTEXT_SHOTS = 8
+# initializations only the bench builds (bench_init_cache), to screen why a prefix starts well
+BENCH_INITS = ("context", "context-first", "answers-nofirst")
 
 
-def context_cache(model, tok, train: list, prefix_len, seed: int):
-    """The screened ``init="context"`` (bench only, it lost; quality.md): ``CONTEXT_SHOTS`` training
-    demonstrations (question and worked answer, plain text, shuffled by ``seed`` as ``build_cache``
-    shuffles) in one sequence, and the prefix its last ``max(prefix_len)`` tokens, their keys and
-    values ``[layers, kv heads, P, head dim]`` computed with all of them in context."""
+def bench_init_cache(model, tok, train: list, prefix_len, init: str, seed: int):
+    """A prefix from one of ``BENCH_INITS`` (lost or diagnostic, so not offered by
+    ``build_cache``; quality.md), keys and values ``[layers, kv heads, P, head dim]`` with
+    ``P = max(prefix_len)``, each token at the position it holds right before the input:
+
+    - ``"context"``: ``CONTEXT_SHOTS`` training demonstrations (question and worked answer,
+      plain text, shuffled by ``seed`` as ``build_cache`` shuffles) in one sequence; the prefix
+      is its last ``P`` tokens, computed with all of them in context;
+    - ``"context-first"``: the same, with position 0 the sequence's first token computed alone
+      (a sequence-first token, as the answers initialization's position 0 is) and the last
+      ``P - 1`` tokens after it;
+    - ``"answers-nofirst"``: the answers initialization's first ``P + 1`` tokens, computed
+      together, without the first: the answers init with its sequence-first token gone.
+    """
     import random
 
     from reasoncache import ReasonCache
-    from reasoncache.cache import model_shape, per_layer_lengths
+    from reasoncache.cache import fingerprint, model_shape, per_layer_lengths
+    from reasoncache.hf.patch import record_keys_values
 
+    if init not in BENCH_INITS:
+        raise ValueError(f"init must be one of {BENCH_INITS}, got {init!r}")
     lengths = per_layer_lengths(prefix_len, model_shape(model).num_layers)
+    P = max(lengths)
     order = list(train)
     random.Random(seed).shuffle(order)
-    ids = [
-        i
-        for e in order[:CONTEXT_SHOTS]
-        for i in tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
-    ]
-    if len(ids) <= max(lengths):
-        raise ValueError(f"{CONTEXT_SHOTS} demonstrations make only {len(ids)} tokens; prefix_len needs more")
-    return ReasonCache.from_demonstrations(model, torch.tensor([ids]), layer_lengths=lengths, keep_last=max(lengths))
+    text = "{e.completion}\n\n" if init == "answers-nofirst" else "{e.prompt}\n{e.completion}\n\n"
+    ids: list[int] = []
+    for e in order if init == "answers-nofirst" else order[:CONTEXT_SHOTS]:
+        ids += tok(text.format(e=e), add_special_tokens=False).input_ids
+        if init == "answers-nofirst" and len(ids) > P:
+            ids = ids[: P + 1]
+            break
+    if len(ids) <= P:
+        raise ValueError(f"the demonstrations make only {len(ids)} tokens; init={init!r} needs more than {P}")
+
+    def record(tokens: list[int], first_position: int):
+        pos = torch.arange(first_position, first_position + len(tokens))[None]
+        return record_keys_values(model, torch.tensor([tokens]), pos)
+
+    keys, values = record(ids, -len(ids))
+    keys, values = keys[:, :, -P:], values[:, :, -P:]
+    if init == "context-first":
+        k0, v0 = record(ids[:1], -P)
+        keys, values = torch.cat([k0, keys[:, :, 1:]], 2), torch.cat([v0, values[:, :, 1:]], 2)
+    return ReasonCache(model_shape(model), keys, values, model_fingerprint=fingerprint(model), layer_lengths=lengths)
 
 
 def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test: int | None):
@@ -223,8 +260,8 @@ def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test:
     torch.manual_seed(seed)
     model, tok = load_model(model_path, device="cpu")
     train, test = split(task, variant, seed, steps, n_test)
-    if v.get("init") == "context":
-        cache = context_cache(model, tok, train, v["prefix_len"], seed)
+    if v.get("init") in BENCH_INITS:
+        cache = bench_init_cache(model, tok, train, v["prefix_len"], v["init"], seed)
     else:
         cache = build_cache(
             model,
@@ -268,6 +305,23 @@ def _train_config(variant: str, seed: int, steps: int):
         adam_beta2=v.get("adam_beta2", 0.999),
         ema_decay=v.get("ema_decay", 0.0),
     )
+
+
+def init_loss(task: str, variant: str, seed: int, *, steps: int, model_path=None, n: int = 64) -> float:
+    """The completion loss per token (cross-entropy, nats) of ``variant``'s model before any
+    training step, on the first ``n`` test examples of its run's split: how well an
+    initialization starts (LoRA starts as the frozen model)."""
+    from reasoncache.app.data import collate, encode
+    from reasoncache.app.trainer import completion_loss
+
+    model, tok, _, test, _ = _prepare(task, variant, seed, steps, model_path, n)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(test), 16):
+            batch = collate([encode(tok, e) for e in test[i : i + 16]], tok.pad_token_id)
+            loss, k = completion_loss(model, batch)
+            total, count = total + float(loss), count + k
+    return total / count
 
 
 def run_one(
@@ -511,7 +565,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -
         "--rows", nargs="+", type=Path, default=None,
         help="JSON-lines files --suite/--sweep read (default: every bench/results/*.jsonl)",
     )  # fmt: skip
+    ap.add_argument(
+        "--init-loss", action="store_true",
+        help="print each variant's completion loss per token on 64 test examples before any training, and exit",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.init_loss:
+        print("| task | seed | variant | loss per token before training |\n|---|---:|---|---:|")
+        for seed in args.seeds:
+            for task in args.task:
+                for variant in args.variants:
+                    loss = init_loss(task, variant, seed, steps=args.steps, model_path=args.model)
+                    print(f"| {task} | {seed} | {variant} | {loss:.3f} |", flush=True)
+        return
     if args.suite or args.sweep:
         for label in args.suite or args.sweep:
             name, at, n = label.partition("@")

@@ -302,9 +302,12 @@ def test_the_study_s_per_layer_spreads_spend_the_default_budget():
     assert per_layer_lengths(spreads["prefix-answers-b4-p32upper-lr3e-2"], 30)[14:16] == (0, 32)
 
 
-def test_the_context_screen_s_prefix_is_the_tail_of_its_demonstrations():
-    """The bench-only context initialization: the last ``max(prefix_len)`` tokens of
-    ``CONTEXT_SHOTS`` shuffled demonstrations, computed with all of them in context."""
+def test_the_bench_only_inits_are_the_tails_they_claim():
+    """``bench_init_cache``: "context" is the last ``P`` tokens of ``CONTEXT_SHOTS`` shuffled
+    demonstrations computed with all of them in context; "context-first" replaces position 0 by
+    the sequence's first token computed alone (its values, which see only itself, match a lone
+    token's wherever it sits); "answers-nofirst" is the answers init's ``P + 1`` tokens without
+    the first."""
     import random
 
     from reasoncache import ReasonCache
@@ -314,12 +317,24 @@ def test_the_context_screen_s_prefix_is_the_tail_of_its_demonstrations():
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
     train, _ = make_split("arithmetic", 12, 0)
-    cache = quality.context_cache(model, tok, train, (8, 3), seed=3)
     order = list(train)
     random.Random(3).shuffle(order)
     demos = [tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids for e in order[:8]]
     assert quality.CONTEXT_SHOTS == 8
     ids = torch.tensor([[i for d in demos for i in d]])
+    cache = quality.bench_init_cache(model, tok, train, (8, 3), "context", seed=3)
     want = ReasonCache.from_demonstrations(model, ids, layer_lengths=cache.layer_lengths, keep_last=8)
     assert cache.layer_lengths[:2] == (8, 3)
     assert torch.equal(cache.keys, want.keys) and torch.equal(cache.values, want.values)
+    first = quality.bench_init_cache(model, tok, train, (8, 3), "context-first", seed=3)
+    assert torch.equal(first.keys[:, :, 1:], cache.keys[:, :, 1:])
+    lone = ReasonCache.from_demonstrations(model, ids[:, :1])
+    torch.testing.assert_close(first.values[:, :, :1], lone.values, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first.values[:, :, :1], cache.values[:, :, :1])
+    answers = tok(f"{order[0].completion}\n\n", add_special_tokens=False).input_ids
+    assert len(answers) > 8  # one answer is long enough here
+    nofirst = quality.bench_init_cache(model, tok, train, (8, 3), "answers-nofirst", seed=3)
+    want = ReasonCache.from_demonstrations(
+        model, torch.tensor([answers[:9]]), layer_lengths=nofirst.layer_lengths, keep_last=8
+    )
+    assert torch.equal(nofirst.keys, want.keys) and torch.equal(nofirst.values, want.values)
