@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--sink",
         action="store_true",
-        help="keep prefix position 0 (the attention sink) frozen; it cost arithmetic 0.065 at seed 0 (bench/results/quality.md)",
+        help="keep prefix position 0 (the attention sink) frozen; it cost arithmetic 0.065 at seed 0 "
+        "(bench/results/quality.md)",
     )
     t.add_argument("--reparam-hidden", type=int, default=0, help="MLP reparametrization width (0: off)")
     t.add_argument(
