@@ -150,6 +150,8 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-nofirst-b4-p24x8-lr3e-2": dict(
         kind="prefix", init="answers-nofirst", lr=3e-2, batch_size=4, prefix_len=(24, 8)
     ),
+    "prefix-random-b4-p24x8-lr3e-2": dict(kind="prefix", init="random", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
+    "prefix-tokens-b4-p24x8-lr3e-2": dict(kind="prefix", init="tokens", lr=3e-2, batch_size=4, prefix_len=(24, 8)),
     "prefix-demonstrations-b4-p24x8-lr3e-2": dict(
         kind="prefix", init="demonstrations", lr=3e-2, batch_size=4, prefix_len=(24, 8)
     ),
