@@ -243,10 +243,13 @@ class ReasonCache(nn.Module):
         """A fresh prefix for ``model``: ``prefix_len`` positions on every layer, or per-layer
         lengths (a sequence repeated over the layers, see ``per_layer_lengths``).
 
-        ``init="random"``: Gaussian keys/values with each layer's own key/value scale
-        (measured on one forward pass over random tokens); it starts far from the model (on
-        SmolLM2's arithmetic, completion loss 8.0 before training against 1.2 with no prefix),
-        where ``build_cache``'s answers start at 1.05 (bench/results/quality.md). ``init="tokens"``: the
+        ``init="random"``: position 0 is a sequence-first token (a random token's keys and
+        values computed alone: the attention sink every prefix needs, bench/results/quality.md)
+        and the other positions Gaussian, with the mean and spread the model's own keys and
+        values have in each layer, head and dimension (measured on one forward pass over random
+        tokens). On SmolLM2's arithmetic it starts at completion loss 1.36 before training (1.2
+        with no prefix, 1.05 from ``build_cache``'s answers; the previous version of this init,
+        one Gaussian scale per layer and no sink, started at 8.0). ``init="tokens"``: the
         keys/values of ``P`` random vocabulary tokens placed before the input (``P`` the
         longest length; a shorter layer keeps the first of them).
         """
@@ -263,12 +266,19 @@ class ReasonCache(nn.Module):
             return cls.from_demonstrations(
                 model, ids, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled, layer_lengths=lengths
             )
-        probe = torch.randint(vocab, (1, 32), generator=g).to(device)
-        k, v = record_keys_values(model, probe, torch.arange(32, device=device)[None])
-        std_k, std_v = k.std(dim=(1, 2, 3)), v.std(dim=(1, 2, 3))
-        size = (shape.num_layers, shape.num_kv_heads, prefix_len, shape.head_dim)
-        keys = torch.randn(size, generator=g) * std_k.cpu()[:, None, None, None]
-        values = torch.randn(size, generator=g) * std_v.cpu()[:, None, None, None]
+        probe = torch.randint(vocab, (1, 64), generator=g).to(device)
+        k, v = record_keys_values(model, probe, torch.arange(64, device=device)[None])
+        # the sink: the probe's first token alone, where the prefix's position 0 sits
+        first = torch.tensor([[0 if uses_absolute_positions(model) else -prefix_len]], device=device)
+        k0, v0 = record_keys_values(model, probe[:, :1], first)
+        size = (shape.num_layers, shape.num_kv_heads, prefix_len - 1, shape.head_dim)
+
+        def sample(t: Tensor) -> Tensor:  # [L, H, 63, D] (the probe after its first token) -> [L, H, P - 1, D]
+            t = t.cpu()
+            return t.mean(2, keepdim=True) + t.std(2, keepdim=True) * torch.randn(size, generator=g)
+
+        keys = torch.cat([k0.cpu(), sample(k[:, :, 1:])], 2)
+        values = torch.cat([v0.cpu(), sample(v[:, :, 1:])], 2)
         return cls(
             shape,
             keys,

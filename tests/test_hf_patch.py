@@ -273,6 +273,27 @@ def test_sink_position_stays_frozen():
     assert cache.num_trainable_parameters() == 2 * 2 * 2 * 3 * 16
 
 
+def test_random_init_starts_with_a_sink_and_the_model_s_own_key_value_statistics():
+    """init="random": position 0 is the probe's first token computed alone (a sequence-first
+    token: its values see only itself, so they match a lone token's wherever it sits), and the
+    other positions are drawn around the model's own per-dimension key/value means; P=1 is only
+    the sink."""
+    from reasoncache.hf.patch import record_keys_values
+
+    model = tiny_model("llama")
+    cache = ReasonCache.for_model(model, prefix_len=48, init="random", seed=2)
+    g = torch.Generator().manual_seed(2)
+    probe = torch.randint(model.config.vocab_size, (1, 64), generator=g)
+    lone = ReasonCache.from_demonstrations(model, probe[:, :1])
+    torch.testing.assert_close(cache.values[:, :, :1], lone.values)
+    k, v = record_keys_values(model, probe, torch.arange(64)[None])
+    for got, real in ((cache.keys, k), (cache.values, v)):
+        mean, spread = real[:, :, 1:].mean(2), real[:, :, 1:].std(2)
+        # 47 draws per dimension: their mean lies within a few standard errors of the model's
+        assert ((got[:, :, 1:].mean(2) - mean).abs() <= 4 * spread / 47**0.5 + 1e-6).float().mean() > 0.99
+    assert ReasonCache.for_model(model, prefix_len=1, init="random").prefix_len == 1
+
+
 def test_per_layer_lengths_cut_each_layer_train_only_what_is_used_and_round_trip(tmp_path):
     """``prefix_len`` as per-layer lengths: layer ``i`` uses the first ``lengths[i]`` positions
     of the longest prefix; only those train and count; saving, loading and stacking keep the
