@@ -219,36 +219,37 @@ def bench_init_cache(model, tok, train: list, prefix_len, init: str, seed: int):
     """
     import random
 
-    from reasoncache import ReasonCache
+    from reasoncache import ReasonCache, build_cache
     from reasoncache.cache import fingerprint, model_shape, per_layer_lengths
     from reasoncache.hf.patch import record_keys_values
 
     if init not in BENCH_INITS:
         raise ValueError(f"init must be one of {BENCH_INITS}, got {init!r}")
-    lengths = per_layer_lengths(prefix_len, model_shape(model).num_layers)
+    shape = model_shape(model)
+    lengths = per_layer_lengths(prefix_len, shape.num_layers)
     P = max(lengths)
+    if init == "answers-nofirst":  # the answers init one token longer, its first position dropped
+        longer = build_cache(model, tok, train, P + 1, "answers", seed=seed)
+        keys, values = longer.keys[:, :, 1:], longer.values[:, :, 1:]
+        return ReasonCache(shape, keys, values, model_fingerprint=fingerprint(model), layer_lengths=lengths)
     order = list(train)
     random.Random(seed).shuffle(order)
-    text = "{e.completion}\n\n" if init == "answers-nofirst" else "{e.prompt}\n{e.completion}\n\n"
-    ids: list[int] = []
-    for e in order if init == "answers-nofirst" else order[:CONTEXT_SHOTS]:
-        ids += tok(text.format(e=e), add_special_tokens=False).input_ids
-        if init == "answers-nofirst" and len(ids) > P:
-            ids = ids[: P + 1]
-            break
+    ids = [
+        i
+        for e in order[:CONTEXT_SHOTS]
+        for i in tok(f"{e.prompt}\n{e.completion}\n\n", add_special_tokens=False).input_ids
+    ]
     if len(ids) <= P:
         raise ValueError(f"the demonstrations make only {len(ids)} tokens; init={init!r} needs more than {P}")
-
-    def record(tokens: list[int], first_position: int):
-        pos = torch.arange(first_position, first_position + len(tokens))[None]
-        return record_keys_values(model, torch.tensor([tokens]), pos)
-
-    keys, values = record(ids, -len(ids))
-    keys, values = keys[:, :, -P:], values[:, :, -P:]
-    if init == "context-first":
-        k0, v0 = record(ids[:1], -P)
-        keys, values = torch.cat([k0, keys[:, :, 1:]], 2), torch.cat([v0, values[:, :, 1:]], 2)
-    return ReasonCache(model_shape(model), keys, values, model_fingerprint=fingerprint(model), layer_lengths=lengths)
+    cache = ReasonCache.from_demonstrations(model, torch.tensor([ids]), layer_lengths=lengths, keep_last=P)
+    if init == "context":
+        return cache
+    # "context-first": position 0 becomes the sequence's first token computed alone, where position 0 sits
+    k0, v0 = record_keys_values(model, torch.tensor([ids[:1]]), torch.tensor([[-P]]))
+    keys, values = torch.cat([k0, cache.keys[:, :, 1:]], 2), torch.cat([v0, cache.values[:, :, 1:]], 2)
+    return ReasonCache(
+        shape, keys.detach(), values.detach(), model_fingerprint=fingerprint(model), layer_lengths=lengths
+    )
 
 
 def _prepare(task: str, variant: str, seed: int, steps: int, model_path, n_test: int | None):
