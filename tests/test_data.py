@@ -1,6 +1,7 @@
 """Data loading, completion-only labels, batching and answer extraction."""
 
 import json
+import re
 
 import pytest
 
@@ -155,6 +156,17 @@ def test_rank_in_list_answers_the_asked_rank_of_the_prompts_numbers():
         values = sorted(int(x) for x in nums.split(", "))
         k = ranks.index(head.removeprefix("Which number is the "))
         assert len(values) == 5 and e.answer == str(values[k])
+
+
+def test_clock_time_ends_at_the_start_plus_the_duration_on_a_24_hour_clock():
+    pattern = re.compile(r"starts at (\d+):(\d\d) and lasts (\d+) hours? and (\d+) minutes")
+    carried = 0
+    for e in make_split("clock_time", 100, 0, seed=2)[0]:
+        h, m, dh, dm = map(int, pattern.search(e.prompt).groups())
+        end = (h * 60 + m) + (dh * 60 + dm)
+        assert e.answer == f"{end // 60}:{end % 60:02d}" and end < 24 * 60
+        carried += m + dm >= 60
+    assert 0 < carried < 100  # both shapes of worked answer occur
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

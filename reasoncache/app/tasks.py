@@ -148,6 +148,27 @@ def rank_in_list(rng: random.Random) -> Example:
     return Example(prompt, f"{body} #### {order[k]}", str(order[k]))
 
 
+_EVENTS = ["A film", "A train trip", "A meeting", "A football match", "A cooking class"]
+
+
+def clock_time(rng: random.Random) -> Example:
+    """'A film starts at 9:40 and lasts 2 hours and 35 minutes. When does it end?' -> '40 + 35 =
+    75 minutes = 1 hour and 15 minutes. 9 + 2 + 1 = 12. #### 12:15'. Added with the study
+    finished, as a third family nobody tuned on: adding in base 60 with a carry, a 24-hour
+    clock answer (``H:MM``)."""
+    h, m = rng.randint(6, 14), rng.randrange(60)
+    dh, dm = rng.randint(1, 5), rng.randrange(5, 60, 5)
+    total = m + dm
+    if total >= 60:
+        steps = f"{m} + {dm} = {total} minutes = 1 hour and {total - 60} minutes. {h} + {dh} + 1 = {h + dh + 1}."
+    else:
+        steps = f"{m} + {dm} = {total} minutes. {h} + {dh} = {h + dh}."
+    end = f"{h + dh + total // 60}:{total % 60:02d}"
+    hours = "1 hour" if dh == 1 else f"{dh} hours"
+    prompt = f"{rng.choice(_EVENTS)} starts at {h}:{m:02d} and lasts {hours} and {dm} minutes. When does it end?"
+    return Example(prompt, f"{steps} #### {end}", end)
+
+
 TASKS = {
     "arithmetic": arithmetic_chain,
     "digit_sum": digit_sum,
@@ -158,6 +179,7 @@ TASKS = {
     "two_quantities": two_quantities,
     "mean_of_three": mean_of_three,
     "rank_in_list": rank_in_list,
+    "clock_time": clock_time,
 }
 
 
