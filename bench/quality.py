@@ -164,6 +164,11 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-p24x8-cos10-lr3e-2": dict(
         kind="prefix", init="answers", lr=3e-2, batch_size=4, prefix_len=(24, 8), min_lr_ratio=0.1
     ),
+    # p24x8 with the keys at 3x the values' rate (keys 9e-2, values the default's 3e-2): values at 3x the
+    # keys' rate had been 0.013 lower than one rate on the two families then behind (quality.md)
+    "prefix-answers-b4-p24x8-k3-lr9e-2": dict(
+        kind="prefix", init="answers", lr=9e-2, batch_size=4, prefix_len=(24, 8), value_lr_ratio=1 / 3
+    ),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
