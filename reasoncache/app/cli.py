@@ -261,18 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="answers",
         choices=INITS,
         help="answers: keys/values of training answers (the suite's best, bench/results/quality.md); demonstrations: "
-        "questions and answers; turns: answers as the chat template's assistant turns",
+        "questions and answers; turns: answers as the chat template's assistant turns; random: a sequence-first "
+        "token, then draws around the model's own key/value statistics; tokens: random vocabulary tokens",
     )
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     t.add_argument(
         "--batch-size", type=int, default=4,
         help="examples per micro-batch per process (4: more steps per example beat 8 in bench/results/quality.md)",
     )  # fmt: skip
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument(
+        "--grad-accum", type=int, default=1,
+        help="micro-batches per optimizer step (default 1; the batch is batch-size x grad-accum x processes)",
+    )  # fmt: skip
     t.add_argument(
         "--lr", type=float, default=3e-2, help="peak learning rate (3e-2: the prefix study in bench/results/quality.md)"
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the initialization (which answers, or the random draws) and the data order (default 0)",
+    )
     t.add_argument(
         "--ema-decay", type=_ema_decay, default=0.0,
         help="keep this moving average of the trained prefix and save it (0: off, the last step's prefix)",
@@ -295,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--distill-shots", type=int, default=3, help="demonstrations the distillation teacher sees")
     t.add_argument("--report-to", choices=["tensorboard"], help="also log to TensorBoard (OUT/tensorboard)")
-    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="recompute the frozen layers' activations in the backward pass (less memory, about one more forward)",
+    )  # fmt: skip
     t.add_argument(
         "--fsdp",
         action="store_true",
@@ -308,18 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="the frozen weights' dtype (bfloat16 halves their memory; the prefix trains in float32)",
     )
-    t.add_argument("--no-length-grouping", action="store_true")
+    t.add_argument(
+        "--no-length-grouping", action="store_true",
+        help="draw micro-batches in plain shuffled order instead of grouping examples of similar length",
+    )  # fmt: skip
     t.add_argument(
         "--no-packing",
         action="store_true",
         help="pad every micro-batch to its longest example instead of packing it into one row "
         "(packing is on where the model computes it exactly; the trainer checks)",
     )
-    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument(
+        "--checkpoint-every", type=int, default=50,
+        help="steps between writes of OUT/checkpoint.pt (default 50; always at the end)",
+    )  # fmt: skip
     t.add_argument("--eval-data", help="JSONL to report accuracy on during training")
     t.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     t.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N eval examples")
-    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--max-new-tokens", type=int, default=128, help="generation length when evaluating (default 128)")
     t.add_argument(
         "--answer-pattern", default=None, help="regex for the answer (default: after ####, else last number)"
     )
