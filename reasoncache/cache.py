@@ -535,7 +535,8 @@ def build_cache(
     reparam_hidden: int = 0,
     rms_scaled: bool = False,
 ):
-    """A ReasonCache to start training from.
+    """A ReasonCache to start training from: keys and values ``[layers, kv heads, P, head dim]``
+    with ``P = max(prefix_len)`` (a layer with a shorter length uses its first positions).
 
     ``init="answers"`` (the default): the keys and values of training examples' worked
     answers (plain text, shuffled by ``seed``), cut to ``prefix_len`` tokens, so that a short
