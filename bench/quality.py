@@ -225,8 +225,7 @@ def bench_init_cache(model, tok, train: list, prefix_len, init: str, seed: int):
     import random
 
     from reasoncache import ReasonCache, build_cache
-    from reasoncache.cache import fingerprint, model_shape, per_layer_lengths
-    from reasoncache.hf.patch import record_keys_values
+    from reasoncache.cache import fingerprint, first_token_keys_values, model_shape, per_layer_lengths
 
     if init not in BENCH_INITS:
         raise ValueError(f"init must be one of {BENCH_INITS}, got {init!r}")
@@ -250,7 +249,7 @@ def bench_init_cache(model, tok, train: list, prefix_len, init: str, seed: int):
     if init == "context":
         return cache
     # "context-first": position 0 becomes the sequence's first token computed alone, where position 0 sits
-    k0, v0 = record_keys_values(model, torch.tensor([ids[:1]]), torch.tensor([[-P]]))
+    k0, v0 = first_token_keys_values(model, torch.tensor([ids[:1]]), P)
     keys, values = torch.cat([k0, cache.keys[:, :, 1:]], 2), torch.cat([v0, cache.values[:, :, 1:]], 2)
     return ReasonCache(
         shape, keys.detach(), values.detach(), model_fingerprint=fingerprint(model), layer_lengths=lengths

@@ -50,6 +50,15 @@ def per_layer_lengths(prefix_len: int | Sequence[int], num_layers: int) -> tuple
     return tuple(pattern[i % len(pattern)] for i in range(num_layers))
 
 
+def first_token_keys_values(model: nn.Module, token: Tensor, prefix_len: int) -> tuple[Tensor, Tensor]:
+    """Keys and values ``[layers, kv heads, 1, head dim]`` of ``token [1, 1]`` computed alone, as
+    a sequence's first token (an attention sink), where a ``prefix_len`` prefix's position 0
+    sits: ``-prefix_len``, or ``0`` on absolute-position models."""
+    device = next(model.parameters()).device
+    first = 0 if uses_absolute_positions(model) else -prefix_len
+    return record_keys_values(model, token.to(device), torch.tensor([[first]], device=device))
+
+
 class ReasonCache(nn.Module):
     """Per-layer prefix keys and values ``[Hkv, P, D]``, shared by every sequence of a batch.
 
@@ -267,10 +276,8 @@ class ReasonCache(nn.Module):
                 model, ids, sink=sink, reparam_hidden=reparam_hidden, rms_scaled=rms_scaled, layer_lengths=lengths
             )
         probe = torch.randint(vocab, (1, 64), generator=g).to(device)
-        k, v = record_keys_values(model, probe, torch.arange(64, device=device)[None])
-        # the sink: the probe's first token alone, where the prefix's position 0 sits
-        first = torch.tensor([[0 if uses_absolute_positions(model) else -prefix_len]], device=device)
-        k0, v0 = record_keys_values(model, probe[:, :1], first)
+        k, v = record_keys_values(model, probe, torch.arange(probe.shape[1], device=device)[None])
+        k0, v0 = first_token_keys_values(model, probe[:, :1], prefix_len)  # the sink
         size = (shape.num_layers, shape.num_kv_heads, prefix_len - 1, shape.head_dim)
 
         def sample(t: Tensor) -> Tensor:  # [L, H, 63, D] (the probe after its first token) -> [L, H, P - 1, D]
