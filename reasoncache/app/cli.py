@@ -11,9 +11,13 @@ from ..cache import CONFIG_NAME, INITS, check_prefix_len
 
 
 def _fields_arg(p: argparse.ArgumentParser) -> None:
+    """How train and eval read their JSONL rows and the answers in them."""
     p.add_argument("--prompt-field", help="read each row's prompt from this key (with --completion-field)")
     p.add_argument(
         "--completion-field", help="read each row's completion from this key; its answer follows its last '####'"
+    )
+    p.add_argument(
+        "--answer-pattern", default=None, help="regex for the answer (default: after ####, else last number)"
     )
 
 
@@ -338,9 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     t.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N eval examples")
     t.add_argument("--max-new-tokens", type=int, default=128, help="generation length when evaluating (default 128)")
-    t.add_argument(
-        "--answer-pattern", default=None, help="regex for the answer (default: after ####, else last number)"
-    )
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
     t.set_defaults(fn=cmd_train)
 
@@ -353,9 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     _fields_arg(e)
     e.add_argument("--max-new-tokens", type=int, default=128, help="generation length per answer (default 128)")
     e.add_argument("--batch-size", type=int, default=16, help="questions generated together (default 16)")
-    e.add_argument(
-        "--answer-pattern", default=None, help="regex for the answer (default: after ####, else last number)"
-    )
     e.add_argument("--predictions", help="write per-example predictions (JSONL) here")
     e.set_defaults(fn=cmd_eval)
 
