@@ -169,6 +169,10 @@ VARIANTS: dict[str, dict] = {
     "prefix-answers-b4-p24x8-k3-lr9e-2": dict(
         kind="prefix", init="answers", lr=9e-2, batch_size=4, prefix_len=(24, 8), value_lr_ratio=1 / 3
     ),
+    # the prefix exactly as a user gets it (run_cli): `reasoncache train` on the run's split written as
+    # GSM8K rows, with no flag but --seed and --steps (300 is its default), then `reasoncache eval`.
+    # batch_size: the CLI's default batch, so that the split is the examples one pass at --steps sees
+    "prefix-cli-defaults": dict(kind="cli", batch_size=4),
 }
 
 # The study's batch for variants that name none: the demo's batch when the study began. Pinned here,
@@ -362,6 +366,70 @@ def run_one(
     if evaluate_test:
         trained.eval()
         res = evaluate(trained, tok, test, max_new_tokens=DEFAULTS["max_new_tokens"])
+        row.update(accuracy=res["accuracy"], n=res["n"])
+    return row
+
+
+_CALC_STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def gsm8k_row(example) -> dict:
+    """An example as a GSM8K row ``{"question", "answer"}``, with a calculator note in every
+    'a op b = c' of the worked answer as GSM8K writes them ('12 - 5 = <<12-5=7>>7'); reading
+    the row back (``load_jsonl``) drops the notes and gives the example's completion again."""
+    return {"question": example.prompt, "answer": _CALC_STEP.sub(r"\1 \2 \3 = <<\1\2\3=\4>>\4", example.completion)}
+
+
+def run_cli(
+    task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
+) -> dict:
+    """A ``kind="cli"`` variant's run: the split of ``run_one`` written as GSM8K rows (``gsm8k_row``),
+    ``reasoncache train`` on them with only ``--seed`` and ``--steps`` given (and ``--model`` where
+    ``model_path`` is), then ``reasoncache eval`` of its cache on the test rows; both commands in
+    subprocesses of this interpreter, their output in the run's folder (``run_dir``). Returns the
+    row ``run_one`` would."""
+    import shutil
+    import subprocess
+    import sys
+
+    from reasoncache import ReasonCache
+
+    train, test = split(task, variant, seed, steps, n_test)
+    folder = run_dir(task, variant, seed, steps)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, examples in (("train", train), ("test", test)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(gsm8k_row(e)) + "\n" for e in examples))
+    cli, out = [sys.executable, "-m", "reasoncache"], folder / "run"
+    model = ["--model", str(model_path)] if model_path else []
+
+    def call(args: list[str], log: str) -> str:
+        with (folder / log).open("w") as f:
+            done = subprocess.run(cli + args + model, stdout=subprocess.PIPE, stderr=f, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(cli + args)} failed ({done.returncode}); its stderr: {folder / log}")
+        return done.stdout
+
+    t0 = time.time()
+    data = str(folder / "train.jsonl")
+    call(["train", "--data", data, "--out", str(out), "--seed", str(seed), "--steps", str(steps)], "train.log")
+    train_s = time.time() - t0
+    losses = [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    row = {
+        "task": task,
+        "variant": variant,
+        "config": VARIANTS[variant],
+        "seed": seed,
+        "steps": steps,
+        "batch_size": VARIANTS[variant]["batch_size"],
+        "trainable_params": ReasonCache.from_pretrained(out / "cache").num_trainable_parameters(),
+        "train_s": round(train_s, 1),
+        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+    }
+    if evaluate_test:
+        res = json.loads(
+            call(["eval", "--cache", str(out), "--data", str(folder / "test.jsonl")], "eval.log").splitlines()[-1]
+        )
         row.update(accuracy=res["accuracy"], n=res["n"])
     return row
 
@@ -577,6 +645,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -
         help="print each variant's completion loss per token on 64 test examples before any training, and exit",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    cli = [v for v in args.variants if VARIANTS[v]["kind"] == "cli"]
+    if cli and (args.init_loss or args.errors):
+        ap.error(f"--init-loss and --errors build the run's model in this process; {cli} train through the CLI")
     if args.init_loss:
         print("| task | seed | variant | loss per token before training |\n|---|---:|---|---:|")
         for seed in args.seeds:
@@ -623,10 +694,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -
             for variant in args.variants:
                 if (task, variant, seed, args.steps, not args.no_eval) in have:
                     continue
-                row = run_one(
-                    task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval, model_path=args.model,
-                    n_test=args.n_test,
-                )  # fmt: skip
+                if VARIANTS[variant]["kind"] == "cli":
+                    row = run_cli(task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval,
+                                  model_path=args.model, n_test=args.n_test)  # fmt: skip
+                else:
+                    row = run_one(
+                        task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval, model_path=args.model,
+                        n_test=args.n_test,
+                    )  # fmt: skip
                 row.update(commit=env.get("git_commit"), torch=env.get("torch"), threads=torch.get_num_threads())
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 with args.out.open("a") as f:

@@ -225,6 +225,49 @@ def test_a_two_pass_variant_trains_and_tests_on_what_a_one_pass_run_of_half_the_
         del quality.VARIANTS["_three_passes"]
 
 
+def test_gsm8k_rows_of_every_family_read_back_as_the_examples_they_were_written_from(tmp_path):
+    """The CLI variant trains on a split written as GSM8K rows: the calculator notes it adds must
+    come off again, leaving each example's prompt, worked answer and answer unchanged."""
+    from reasoncache.app.data import load_jsonl
+    from reasoncache.app.tasks import TASKS, make_split
+    from reasoncache.bench import quality
+
+    noted = 0
+    for task in sorted(TASKS):
+        examples, _ = make_split(task, 20, 0, seed=4)
+        rows = [quality.gsm8k_row(e) for e in examples]
+        noted += sum("<<" in r["answer"] for r in rows)
+        f = tmp_path / f"{task}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        back = load_jsonl(f)
+        assert [(e.prompt, e.completion, e.answer) for e in back] == [
+            (e.prompt, e.completion, e.answer) for e in examples
+        ]
+    assert noted > 100  # the notes are there to be removed
+    assert quality.gsm8k_row(make_split("next_in_sequence", 1, 0, seed=0)[0][0])["answer"].count("<<") == 2
+
+
+def test_the_cli_variant_trains_and_evaluates_through_the_commands_a_user_runs(tmp_path, monkeypatch):
+    """``prefix-cli-defaults`` runs `reasoncache train` and `reasoncache eval` in subprocesses on
+    the run's split (here a tiny model, 2 steps, 3 test rows) and returns a row like run_one's."""
+    from reasoncache.app.data import load_jsonl
+    from reasoncache.bench import quality
+    from tiny_models import save_tiny
+
+    monkeypatch.setattr(quality.tempfile, "gettempdir", lambda: str(tmp_path))
+    model = save_tiny(tmp_path / "model")
+    row = quality.run_cli(
+        "next_in_sequence", "prefix-cli-defaults", 1, steps=2, evaluate_test=True, model_path=model, n_test=3
+    )
+    assert row["n"] == 3 and 0.0 <= row["accuracy"] <= 1.0 and row["trainable_params"] > 0 and row["steps"] == 2
+    train, _ = quality.split("next_in_sequence", "prefix-cli-defaults", 1, 2, 3)
+    folder = quality.run_dir("next_in_sequence", "prefix-cli-defaults", 1, 2)
+    assert [e.completion for e in load_jsonl(folder / "train.jsonl")] == [e.completion for e in train]
+    assert len(train) == 8  # 2 steps of the CLI's batch of 4, seen once
+    log = [json.loads(x) for x in (folder / "run" / "log.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in log) == 2
+
+
 def test_generate_bench_times_exactly_the_asked_tokens_and_names_a_bad_argument(capsys):
     """bench generate forces the number of new tokens (an early end-of-sequence would time a
     shorter run), and refuses a non-positive count naming the flag, before loading a model."""

@@ -138,6 +138,17 @@ def test_evaluation_refuses_bad_settings_before_generating():
             evaluate(None, tiny_tokenizer(), [], **bad)
 
 
+def test_next_in_sequence_continues_the_sequence_by_its_step_in_either_direction():
+    down = 0
+    for e in make_split("next_in_sequence", 200, 0, seed=3)[0]:
+        terms = [int(x) for x in re.search(r"next: ([\d, ]+)\?", e.prompt).group(1).split(", ")]
+        steps = {b - a for a, b in zip(terms, terms[1:])}
+        assert len(terms) == 4 and len(steps) == 1 and abs(next(iter(steps))) >= 2
+        assert e.answer == str(terms[-1] + steps.pop()) and int(e.answer) > 0
+        down += terms[1] < terms[0]
+    assert 0 < down < 200  # both directions (and both worked-answer shapes) occur
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_task_split_is_disjoint_reproducible_and_self_consistent(task):
     train, test = make_split(task, 150, 100, seed=3)

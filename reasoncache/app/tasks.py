@@ -169,6 +169,24 @@ def clock_time(rng: random.Random) -> Example:
     return Example(prompt, f"{steps} #### {end}", end)
 
 
+def next_in_sequence(rng: random.Random) -> Example:
+    """'What number comes next: 5, 12, 19, 26?' -> '12 - 5 = 7, so each number is 7 more. 26 +
+    7 = 33. #### 33'; or going down: '47 - 41 = 6, so each number is 6 less. 29 - 6 = 23.
+    #### 23'. Added with the study finished, as a fourth family nobody tuned on: find the
+    step of an arithmetic sequence from its first two terms, then take one more step."""
+    d = rng.randint(2, 19)
+    if rng.random() < 0.5:
+        start = rng.randint(2, 60)
+        terms = [start + i * d for i in range(5)]
+        steps = f"{terms[1]} - {terms[0]} = {d}, so each number is {d} more. {terms[3]} + {d} = {terms[4]}."
+    else:
+        start = rng.randint(4 * d + 1, 4 * d + 60)  # the fifth term, the answer, stays positive
+        terms = [start - i * d for i in range(5)]
+        steps = f"{terms[0]} - {terms[1]} = {d}, so each number is {d} less. {terms[3]} - {d} = {terms[4]}."
+    prompt = f"What number comes next: {', '.join(map(str, terms[:4]))}?"
+    return Example(prompt, f"{steps} #### {terms[4]}", str(terms[4]))
+
+
 TASKS = {
     "arithmetic": arithmetic_chain,
     "digit_sum": digit_sum,
@@ -180,6 +198,7 @@ TASKS = {
     "mean_of_three": mean_of_three,
     "rank_in_list": rank_in_list,
     "clock_time": clock_time,
+    "next_in_sequence": next_in_sequence,
 }
 
 
