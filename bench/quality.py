@@ -393,7 +393,13 @@ def run_cli(
     import sys
 
     from reasoncache import ReasonCache
+    from reasoncache.app.trainer import TrainConfig
 
+    if VARIANTS[variant]["batch_size"] != TrainConfig.batch_size:  # the CLI's default batch is TrainConfig's
+        raise SystemExit(
+            f"{variant}: batch_size {VARIANTS[variant]['batch_size']} is not the CLI's default batch "
+            f"{TrainConfig.batch_size}, so its split would not be the examples `reasoncache train` sees once"
+        )
     train, test = split(task, variant, seed, steps, n_test)
     folder = run_dir(task, variant, seed, steps)
     shutil.rmtree(folder, ignore_errors=True)
