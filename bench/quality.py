@@ -335,6 +335,26 @@ def init_loss(task: str, variant: str, seed: int, *, steps: int, model_path=None
     return total / count
 
 
+def trained_row(
+    task: str, variant: str, seed: int, steps: int, batch_size: int, n_params: int, train_s: float, log: list[dict]
+) -> dict:
+    """A run's row before its accuracy: what ran, its trainable parameters, its training time and
+    the mean loss of its last 10 steps, from the Trainer's log rows (``Trainer.train``'s return
+    value, or its ``log.jsonl`` read back)."""
+    losses = [r["loss"] for r in log if "loss" in r]
+    return {
+        "task": task,
+        "variant": variant,
+        "config": VARIANTS[variant],
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "trainable_params": n_params,
+        "train_s": round(train_s, 1),
+        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+    }
+
+
 def run_one(
     task: str, variant: str, seed: int, *, steps: int, evaluate_test: bool, model_path=None, n_test: int | None = None
 ) -> dict:
@@ -344,25 +364,12 @@ def run_one(
     from reasoncache.app.evaluate import evaluate
     from reasoncache.app.trainer import Trainer
 
-    v = VARIANTS[variant]
     trained, tok, train, test, n_params = _prepare(task, variant, seed, steps, model_path, n_test)
     cfg = _train_config(variant, seed, steps)
     out_dir = run_dir(task, variant, seed, steps)
     t0 = time.time()
     history = Trainer(trained, tok, train, cfg, out_dir, progress=False).train()
-    train_s = time.time() - t0
-    losses = [r["loss"] for r in history if "loss" in r]
-    row = {
-        "task": task,
-        "variant": variant,
-        "config": v,
-        "seed": seed,
-        "steps": steps,
-        "batch_size": cfg.batch_size,
-        "trainable_params": n_params,
-        "train_s": round(train_s, 1),
-        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-    }
+    row = trained_row(task, variant, seed, steps, cfg.batch_size, n_params, time.time() - t0, history)
     if evaluate_test:
         trained.eval()
         res = evaluate(trained, tok, test, max_new_tokens=DEFAULTS["max_new_tokens"])
@@ -420,18 +427,9 @@ def run_cli(
     data = str(folder / "train.jsonl")
     call(["train", "--data", data, "--out", str(out), "--seed", str(seed), "--steps", str(steps)], "train.log")
     train_s = time.time() - t0
-    losses = [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    row = {
-        "task": task,
-        "variant": variant,
-        "config": VARIANTS[variant],
-        "seed": seed,
-        "steps": steps,
-        "batch_size": VARIANTS[variant]["batch_size"],
-        "trainable_params": ReasonCache.from_pretrained(out / "cache").num_trainable_parameters(),
-        "train_s": round(train_s, 1),
-        "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-    }
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    n_params = ReasonCache.from_pretrained(out / "cache").num_trainable_parameters()
+    row = trained_row(task, variant, seed, steps, VARIANTS[variant]["batch_size"], n_params, train_s, log)
     if evaluate_test:
         res = json.loads(
             call(["eval", "--cache", str(out), "--data", str(folder / "test.jsonl")], "eval.log").splitlines()[-1]
