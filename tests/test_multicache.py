@@ -98,3 +98,19 @@ def test_a_bank_needs_cache_ids_and_cache_ids_need_a_bank():
         reasoncache.prefix_attention(q, k, v, bank_k, bank_v, backend="torch")
     with pytest.raises(ValueError, match=r"prefix_k must be a bank \[C, Hkv, P, D\]"):
         reasoncache.prefix_attention(q, k, v, bank_k[0], bank_v[0], cache_ids=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"the bank prefix_k \(0, 2, 5, 16\) holds no cache"):
+        reasoncache.prefix_attention(q, k, v, bank_k[:0], bank_v[:0], cache_ids=torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_with_a_bank_gives_empty_results(backend):
+    """No sequence chose any cache: empty out and lse, a zero gradient for the bank, padded or packed."""
+    q, k, v, bank_k, bank_v = (t[:0] if i < 3 else t for i, t in enumerate(_inputs()))
+    none = torch.zeros(0, dtype=torch.long)
+    out, lse = reasoncache.prefix_attention(q, k, v, bank_k, bank_v, cache_ids=none, return_lse=True, backend=backend)
+    assert out.shape == (0, 4, 6, 16) and lse.shape == (0, 4, 6)
+    assert not torch.autograd.grad(out.sum(), bank_k)[0].any()
+    packed = [torch.zeros(0, h, 16) for h in (4, 2, 2)]  # q [Tq=0, Hq, D], k and v [Tk=0, Hkv, D]
+    cu = torch.zeros(1, dtype=torch.int32)
+    out = reasoncache.prefix_attention(*packed, bank_k, bank_v, cu_seqlens_q=cu, cache_ids=none, backend=backend)
+    assert out.shape == (0, 4, 16)

@@ -322,6 +322,52 @@ def test_bad_scalars():
         reasoncache.prefix_attention(*t.values(), sliding_window=0)
     with pytest.raises(ValueError, match="sliding_window needs causal=True"):
         reasoncache.prefix_attention(*t.values(), sliding_window=4, causal=False)
+    with pytest.raises(TypeError, match="return_lse must be a bool, got 'yes'"):
+        reasoncache.prefix_attention(*t.values(), return_lse="yes")
+
+
+def test_zero_head_dim_is_refused_by_name():
+    e = torch.empty
+    with pytest.raises(ValueError, match=r"q \(1, 2, 3, 0\) has head dim D=0"):
+        reasoncache.prefix_attention(e(1, 2, 3, 0), e(1, 2, 3, 0), e(1, 2, 3, 0), e(2, 1, 0), e(2, 1, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, Nq, Nk", [(0, 5, 6), (2, 0, 6), (2, 0, 0), (0, 0, 0)], ids=str)
+def test_empty_batch_or_no_queries_gives_empty_results_and_zero_gradients(backend, dtype, B, Nq, Nk):
+    """An empty batch, or sequences with no queries, is a valid call: empty out and lse, and
+    gradients of the inputs' shapes, zero for the keys and the prefix (aten's CPU flash kernel,
+    which the torch backend uses for fp32/bf16, dies with SIGFPE on zero query rows)."""
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter refuses bf16")
+    tensors, _ = make_inputs(Case(B=B, Hq=4, Hkv=2, Nq=Nq, Nk=Nk, P=3, D=8), dtype=dtype)
+    out, lse = reasoncache.prefix_attention(*tensors, return_lse=True, backend=backend)
+    assert out.shape == (B, 4, Nq, 8) and out.dtype == dtype and lse.shape == (B, 4, Nq)
+    grads = torch.autograd.grad(out.float().sum() + lse.sum(), tensors)
+    for g, t in zip(grads, tensors):
+        assert g.shape == t.shape and not g.any()
+    with torch.no_grad():
+        assert reasoncache.prefix_attention(*tensors, backend=backend).shape == out.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_a_nan_prefix_head_gives_nan_as_in_the_reference(backend):
+    """A prefix head that is all NaN (what a diverged training leaves) must show up as NaN in
+    that head's rows, as the fp64 reference gives, not vanish: aten's CPU flash kernel treats
+    a row of all-NaN scores as fully masked, and the torch backend's fast path once returned
+    finite numbers there."""
+    from reasoncache.ops.reference import prefix_attention_ref
+
+    (q, k, v, pk, pv), _ = make_inputs(Case(B=2, Hq=4, Hkv=2, Nq=5, Nk=6, P=3, D=8))
+    pk = pk.detach().clone()
+    pk[0] = float("nan")
+    ref, ref_lse = prefix_attention_ref(q.double(), k.double(), v.double(), pk.double(), pv.double())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, lse = reasoncache.prefix_attention(q, k, v, pk, pv, return_lse=True, backend=backend)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(lse.isnan(), ref_lse.isnan())
+        assert out[:, :2].isnan().all() and not out[:, 2:].isnan().any()  # KV head 0 holds query heads 0, 1
 
 
 def test_kernels_never_import_as_a_top_level_module():

@@ -30,6 +30,8 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax
         if t.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
     B, Hq, _, D = q.shape
+    if D == 0:
+        raise ValueError(f"q {tuple(q.shape)} has head dim D=0; D must be at least 1")
     if k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k {tuple(k.shape)} must be [B={B}, Hkv, Nk, D={D}] to match q {tuple(q.shape)}")
     if v.shape != k.shape:
@@ -101,6 +103,8 @@ def _check_cache_ids(cache_ids, prefix_k, prefix_v, rows: int, rows_name: str, d
             raise ValueError(f"with cache_ids, {name} must be a bank [C, Hkv, P, D], got {got}")
     if prefix_v.shape != prefix_k.shape:
         raise ValueError(f"prefix_v {tuple(prefix_v.shape)} must have the shape of prefix_k {tuple(prefix_k.shape)}")
+    if prefix_k.shape[0] == 0:
+        raise ValueError(f"the bank prefix_k {tuple(prefix_k.shape)} holds no cache (C = 0); it needs at least one")
     if not isinstance(cache_ids, Tensor) or cache_ids.dtype not in (torch.int32, torch.int64):
         got = cache_ids.dtype if isinstance(cache_ids, Tensor) else type(cache_ids).__name__
         raise TypeError(f"cache_ids must be an int32 or int64 tensor [{rows_name}], got {got}")
@@ -119,6 +123,8 @@ def _per_cache(attend, q, k, v, prefix_k, prefix_v, cache_ids, key_padding_mask,
     """The batched op once per cache in use, on the rows that chose it (so each cache's
     prefix is still shared by its rows: one prefix pass per cache at decode), then the rows
     put back in order. Differentiable; each cache's gradient sums over its rows."""
+    if cache_ids.numel() == 0:  # an empty batch: one call on cache 0 gives the empty results
+        return attend(q, k, v, prefix_k[0], prefix_v[0], key_padding_mask=key_padding_mask, return_lse=True, **kw)
     order = torch.argsort(cache_ids, stable=True)
     counts = torch.bincount(cache_ids, minlength=prefix_k.shape[0]).tolist()
     outs, lses, start = [], [], 0
@@ -196,6 +202,8 @@ def prefix_attention(
     Gradients flow to q, k, v, prefix_k and prefix_v; the prefix gradient is summed over
     the batch and is bitwise reproducible from run to run.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     kw = dict(causal=causal, softmax_scale=softmax_scale, sliding_window=sliding_window, backend=backend)
     if cache_ids is not None and (cu_seqlens_q is None and cu_seqlens_k is None):
         if not isinstance(q, Tensor) or q.dim() != 4:

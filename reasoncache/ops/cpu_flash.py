@@ -15,6 +15,8 @@ fp32/bf16, and no gradient flowing into ``lse``; everything else takes the refer
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -25,10 +27,12 @@ _bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_back
 
 
 def supported(q: Tensor, prefix_k: Tensor) -> bool:
-    """Whether the CPU flash path takes these inputs: ``q [B, Hq, T, D]`` fp32 or bf16 on the CPU, a
-    non-empty prefix ``prefix_k [Hkv, P, D]``, and a torch that has aten's CPU flash kernels."""
+    """Whether the CPU flash path takes these inputs: a non-empty ``q [B, Hq, T, D]`` fp32 or bf16 on
+    the CPU, a non-empty prefix ``prefix_k [Hkv, P, D]``, and a torch that has aten's CPU flash
+    kernels (which die with SIGFPE on zero query rows, so an empty q takes the reference)."""
     return (
-        _fwd is not None
+        q.numel() > 0
+        and _fwd is not None
         and _bwd is not None
         and q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.bfloat16)
@@ -78,6 +82,12 @@ def fwd(q, k, v, pk, pv, kpm, causal, scale, window):
     qg = _grouped(q, Hkv)
     o_pre, l_pre = _fwd(_batch_rows(qg), pk[None], pv[None], 0.0, False, scale=scale)
     o_pre, l_pre = _unbatch_rows(o_pre, B).float(), _unbatch_rows(l_pre, B)
+    # aten's kernel treats a row whose scores are all NaN as fully masked (out 0, lse 0), so a
+    # prefix head that is all NaN (a diverged training) would be dropped without a trace; the
+    # reference and the kernels give NaN there, and so does this path (the sum is the cheap test:
+    # 2 us against 16 for the per-head mask on a decode step's prefix).
+    if math.isnan(pk.sum().item()):
+        l_pre = l_pre.masked_fill(torch.isnan(pk).flatten(1).any(1)[None, :, None], float("nan"))
     if k.shape[2] == 0:
         return o_pre.to(q.dtype).reshape(B, Hq, Nq, D), l_pre.reshape(B, Hq, Nq).contiguous()
     mask, seen = _own_mask(q, k, kpm, causal, window)

@@ -106,13 +106,14 @@ def prefix_attention_ref_bwd(
         q, k, v, prefix_k, prefix_v, causal, softmax_scale, key_padding_mask, sliding_window, cd
     )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    lse = lse.to(cd).reshape(B, Hkv, -1)
+    M = (Hq // Hkv) * Nq  # rows per KV head (written out: reshape cannot infer -1 when B = 0)
+    lse = lse.to(cd).reshape(B, Hkv, M)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))[..., None]  # rows that saw nothing: p = 0
     p_pre, p_own = (s_pre - lse).exp_(), (s_own - lse).exp_()
-    do = dout.to(cd).reshape(B, Hkv, -1, D)
-    delta = (do * out.to(cd).reshape(B, Hkv, -1, D)).sum(-1, keepdim=True)
+    do = dout.to(cd).reshape(B, Hkv, M, D)
+    delta = (do * out.to(cd).reshape(B, Hkv, M, D)).sum(-1, keepdim=True)
     if dlse is not None:
-        delta = delta - dlse.to(cd).reshape(B, Hkv, -1, 1)
+        delta = delta - dlse.to(cd).reshape(B, Hkv, M, 1)
     ds_pre = (torch.einsum("bhmd,hpd->bhmp", do, pv) - delta).mul_(p_pre)
     ds_own = (do @ v.transpose(-1, -2) - delta).mul_(p_own)
     dq = (torch.einsum("bhmp,hpd->bhmd", ds_pre, pk) + ds_own @ k.to(cd)) * scale
