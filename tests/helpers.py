@@ -1,4 +1,4 @@
-"""Inputs and the fp64 oracle shared by the tests."""
+"""Inputs, the fp64 oracle and a divergence injector shared by the tests."""
 
 from __future__ import annotations
 
@@ -83,3 +83,18 @@ def max_err(a, b):
     if a.numel() == 0:
         return 0.0
     return (a.double() - b.double()).abs().max().item()
+
+
+def poison_step(monkeypatch, at: int) -> None:
+    """Make the trainer's completion loss NaN on optimizer step ``at`` (1-based, one micro-batch
+    per step), as a diverged run's is."""
+    from reasoncache.app import trainer
+
+    real, calls = trainer.completion_loss, {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        value, n = real(model, batch)
+        return (value * float("nan") if calls["n"] == at else value), n
+
+    monkeypatch.setattr(trainer, "completion_loss", loss)

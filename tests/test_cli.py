@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from helpers import poison_step
 from reasoncache.app.cli import main
 from reasoncache.app.data import write_jsonl
 from reasoncache.app.tasks import make_split
@@ -321,3 +322,15 @@ def test_train_init_turns_needs_the_chat_template(workspace, capsys, tmp_path):
     capsys.readouterr()
     assert main(_train_args(root, model, tmp_path / "plain", "--init", "turns", "--no-chat-template")) == 2
     assert "--init turns" in capsys.readouterr().err and not (tmp_path / "plain").exists()
+
+
+def test_train_that_diverges_exits_1_and_saves_no_cache(workspace, capsys, tmp_path, monkeypatch):
+    """A NaN loss stops `reasoncache train` with exit status 1 and a message naming the step,
+    the loss and the rate; no cache of NaNs is written."""
+    root, model = workspace
+    poison_step(monkeypatch, at=2)
+    assert main(_train_args(root, model, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert "reasoncache train: error: training diverged at step 2 of 3: the loss is nan" in err
+    assert "no checkpoint was written yet" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "cache").exists()

@@ -8,9 +8,10 @@ import torch
 import torch.multiprocessing as mp
 
 import reasoncache
+from helpers import poison_step
 from reasoncache import build_cache
 from reasoncache.app.tasks import make_split
-from reasoncache.app.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, lr_multiplier
+from reasoncache.app.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, TrainingDiverged, lr_multiplier
 from reasoncache.cache import per_layer_lengths
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -53,6 +54,36 @@ def test_resume_continues_exactly(tmp_path):
     t = Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False)
     t.train(resume=True)
     assert t.step == 6 and torch.equal(model.reasoncache.keys.detach(), want)
+
+
+def test_a_nan_loss_stops_training_before_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    model, tok, train, cfg = _setup(steps=6)
+    t = Trainer(model, tok, train, cfg, tmp_path / "clean", progress=False)
+    while t.step < 4:
+        t.train_step()
+    want = [p.detach().clone() for _, p in t.params]
+
+    poison_step(monkeypatch, at=5)
+    model, tok, train, cfg = _setup(steps=6)
+    t = Trainer(model, tok, train, cfg, tmp_path / "run", progress=False)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 5 of 6: the loss is nan") as err:
+        t.train()
+    assert "The step was not applied, so the parameters hold step 4's values" in str(err.value)
+    assert f"{tmp_path / 'run' / CHECKPOINT} (step 3), is intact" in str(err.value)
+    assert t.step == 4 and all(torch.equal(p, w) for (_, p), w in zip(t.params, want))
+    assert all(p.grad is None for _, p in t.params)
+    saved = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    assert saved["step"] == 3 and all(torch.isfinite(x).all() for x in saved["trainable"].values())
+    assert len((tmp_path / "run" / LOG).read_text().splitlines()) == 4  # no row for the step that failed
+
+
+def test_a_prefix_that_is_already_nan_is_named(tmp_path, recwarn):
+    model, tok, train, cfg = _setup(steps=2)
+    with torch.no_grad():
+        model.reasoncache.values.view(-1)[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"at step 1 of 2: .* already hold NaN or inf \(reasoncache\.values\)"):
+        Trainer(model, tok, train, cfg, tmp_path, progress=False).train()
+    assert not [w for w in recwarn if "packing" in str(w.message)]  # NaN is not evidence against packing
 
 
 def test_resume_with_other_settings_says_which(tmp_path):

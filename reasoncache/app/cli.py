@@ -382,10 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``reasoncache`` console script. Returns the exit status: 2 (with the error on stderr, no
-    traceback) for a missing file, a bad value or a missing optional dependency."""
+    traceback) for a missing file, a bad value or a missing optional dependency; 1 for a
+    training run that diverged (a NaN or inf loss; nothing of that step is saved)."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"reasoncache {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the trainer's TrainingDiverged
+        print(f"reasoncache {args.command}: error: {e}", file=sys.stderr)
+        return 1

@@ -37,6 +37,11 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 
 
+class TrainingDiverged(FloatingPointError):
+    """A step's loss or gradient norm was not finite (NaN or inf). The step was not applied:
+    the parameters, the optimizer and the checkpoint on disk hold what the step before left."""
+
+
 @dataclass
 class TrainConfig:
     """Everything a ``Trainer`` run needs besides the model and data; ``reasoncache train``'s flags set
@@ -267,7 +272,8 @@ class Trainer:
     ``out_dir`` receives ``checkpoint.pt`` (atomic: written then renamed) every
     ``checkpoint_every`` steps and at the end, and ``log.jsonl`` (one JSON object per
     step: loss, learning rate, the gradient's global norm before clipping; plus evaluation
-    rows). ``resume=True`` continues from the checkpoint exactly.
+    rows). ``resume=True`` continues from the checkpoint exactly. A step whose loss or
+    gradient norm is not finite raises ``TrainingDiverged`` before it updates anything.
     """
 
     def __init__(
@@ -311,6 +317,7 @@ class Trainer:
         # _average() divides by 1 - decay^step (Adam's bias correction), so no weight stays on the init
         self.ema = [torch.zeros_like(p, dtype=torch.float32) for _, p in self.params] if cfg.ema_decay else None
         self.step = 0
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk, once saved or loaded
         self._epochs: dict[int, list[list[int]]] = {}
         self.history: list[dict] = []
         self._tb = tensorboard_writer(self.out / "tensorboard") if cfg.report_to and self.rank == 0 else None
@@ -345,21 +352,21 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Write the trained parameters, optimizer, scheduler, RNG and config to ``out/checkpoint.pt``
         (rank 0 only; atomically, through a temporary file, so a kill never leaves half a checkpoint)."""
-        if self.rank != 0:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step,
-            "trainable": {n: p.detach().cpu().clone() for n, p in self.params},
-            "ema": None if self.ema is None else {n: a.cpu().clone() for (n, _), a in zip(self.params, self.ema)},
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "rng": torch.get_rng_state(),
-            "config": asdict(self.cfg),
-        }
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            state = {
+                "step": self.step,
+                "trainable": {n: p.detach().cpu().clone() for n, p in self.params},
+                "ema": None if self.ema is None else {n: a.cpu().clone() for (n, _), a in zip(self.params, self.ema)},
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "rng": torch.get_rng_state(),
+                "config": asdict(self.cfg),
+            }
+            tmp = self.out / (CHECKPOINT + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / CHECKPOINT)
+        self.checkpoint_step = self.step
 
     def load_checkpoint(self) -> bool:
         """Restore ``out/checkpoint.pt`` if it exists (returns whether it did); raise ``ValueError`` if it
@@ -391,7 +398,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = self.checkpoint_step = state["step"]
         return True
 
     def _log(self, row: dict) -> None:
@@ -435,6 +442,8 @@ class Trainer:
                     lp.append(logits[t != IGNORE].float().log_softmax(-1))
         finally:
             self.model.train(was)
+        if not bool(torch.isfinite(lp[1]).all()):  # nothing to compare: the first step raises TrainingDiverged
+            return True
         return lp[0].shape == lp[1].shape and bool((lp[0] - lp[1]).abs().max() <= (5e-2 if self._bf16 else 1e-4))
 
     def train_step(self) -> float:
@@ -463,6 +472,11 @@ class Trainer:
         # the global norm before clipping, logged; max_norm=inf measures without clipping
         clip = self.cfg.max_grad_norm or float("inf")
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], clip))
+        loss = float(loss_sum) / tokens
+        if not (math.isfinite(loss) and math.isfinite(self.grad_norm)):
+            # every process sees the same summed loss and norm, so all of them stop here together
+            self.opt.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self._diverged_message(loss))
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -471,7 +485,24 @@ class Trainer:
             with torch.no_grad():
                 for (_, p), a in zip(self.params, self.ema):
                     a.lerp_(p.detach().float(), 1 - self.cfg.ema_decay)
-        return float(loss_sum) / tokens
+        return loss
+
+    def _diverged_message(self, loss: float) -> str:
+        bad = [n for n, p in self.params if not torch.isfinite(p).all()]
+        if bad:
+            state = f"The trained parameters already hold NaN or inf ({', '.join(bad[:3])}{', ...' * (len(bad) > 3)})."
+        else:
+            state = f"The step was not applied, so the parameters hold step {self.step}'s values."
+        if self.checkpoint_step is None:
+            kept = f"no checkpoint was written yet (checkpoint_every={self.cfg.checkpoint_every})"
+        else:
+            kept = f"the last checkpoint, {self.out / CHECKPOINT} (step {self.checkpoint_step}), is intact"
+        return (
+            f"training diverged at step {self.step + 1} of {self.cfg.steps}: the loss is {loss} and the gradient "
+            f"norm {self.grad_norm} (learning rate {self.sched.get_last_lr()[0]:.3g} this step, lr={self.cfg.lr:g}). "
+            f"{state} Nothing more was saved; {kept}. A learning rate too high for this model is the usual cause: "
+            "train again with a lower one (a third, say); resuming (--resume) continues only with the same settings."
+        )
 
     def _average(self) -> list[torch.Tensor]:
         """The moving average after ``step`` steps: ``sum_t (1 - d) d^(step - t) p_t / (1 - d^step)``
