@@ -435,9 +435,13 @@ class ReasonCache(nn.Module):
         cfg_path = folder / CONFIG_NAME
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME}; is it a folder written by save_pretrained?")
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != "reasoncache":
-            raise ValueError(f"{cfg_path} is not a reasoncache config (format={cfg.get('format')!r})")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != "reasoncache":
+            got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+            raise ValueError(f"{cfg_path} is not a reasoncache config (format={got!r})")
         shape = ModelShape(cfg["model_type"], cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"])
         size = (shape.num_layers, shape.num_kv_heads, cfg["prefix_len"], shape.head_dim)
         cache = cls(
@@ -451,7 +455,17 @@ class ReasonCache(nn.Module):
             position_offset=cfg.get("position_offset", 0),
             layer_lengths=cfg.get("layer_lengths"),
         )
-        cache.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder} holds {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error type for a torn or foreign file
+            raise ValueError(f"{weights} cannot be read as safetensors ({e}); was it written completely?") from None
+        try:
+            cache.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{weights} does not hold what {cfg_path} describes: {e}") from None
         if model is not None:
             cache.check_compatible(model)
             device = device or next(model.parameters()).device

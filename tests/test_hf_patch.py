@@ -201,6 +201,30 @@ def test_loading_into_another_model_says_what_differs(tmp_path):
         reasoncache.patch(tiny_model("gpt2"), ReasonCache.for_model(tiny_model("llama"), prefix_len=2))
 
 
+def test_a_damaged_saved_cache_is_refused_naming_the_file(tmp_path):
+    """A torn weights file, broken JSON, a missing weights file or weights of another shape
+    each raise an error that names the file (the CLI prints it without a traceback)."""
+    model = tiny_model("llama")
+    ReasonCache.for_model(model, prefix_len=2).save_pretrained(tmp_path / "short")
+    ReasonCache.for_model(model, prefix_len=3).save_pretrained(tmp_path / "long")
+    weights, config = "reasoncache.safetensors", "reasoncache_config.json"
+    (tmp_path / "long" / weights).replace(tmp_path / "short" / weights)  # config says P=2, weights hold P=3
+    with pytest.raises(ValueError, match=rf"short/{weights} does not hold what .*short/{config} describes"):
+        ReasonCache.from_pretrained(tmp_path / "short")
+    (tmp_path / "short" / weights).write_bytes(b"torn")
+    with pytest.raises(ValueError, match=rf"short/{weights} cannot be read as safetensors"):
+        ReasonCache.from_pretrained(tmp_path / "short")
+    (tmp_path / "short" / weights).unlink()
+    with pytest.raises(FileNotFoundError, match=f"short holds {config} but no {weights}"):
+        ReasonCache.from_pretrained(tmp_path / "short")
+    (tmp_path / "short" / config).write_text("{torn")
+    with pytest.raises(ValueError, match=f"short/{config} is not valid JSON"):
+        ReasonCache.from_pretrained(tmp_path / "short")
+    (tmp_path / "short" / config).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"is not a reasoncache config \(format='list'\)"):
+        ReasonCache.from_pretrained(tmp_path / "short")
+
+
 def _patch_and_train_two_steps(model, cache):
     """Patch ``model`` with ``cache``, take two AdamW steps on random tokens, return them."""
     reasoncache.patch(model, cache)
