@@ -128,6 +128,8 @@ def test_bad_generation_flags_are_refused_before_the_model_loads(workspace, caps
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
         (["--answer-pattern", "(["], "answer_pattern '([' is not a valid regular expression"),
+        (["--device", "tpu"], "--device 'tpu' is not a torch device"),
+        (["--device", "cuda:7"], "--device cuda:7: this torch sees"),
     ):
         assert main(base + extra) == 2
         assert msg in capsys.readouterr().err
@@ -138,6 +140,8 @@ def test_bad_generation_flags_are_refused_before_the_model_loads(workspace, caps
     train = ["train", "--data", str(root / "train.jsonl"), "--out", str(root / "z"), "--model", str(root / "m.gguf")]
     assert main(train + ["--checkpoint-every", "0"]) == 2
     assert "checkpoint_every must be a positive int, got 0" in capsys.readouterr().err
+    assert main(train + ["--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():
@@ -334,3 +338,20 @@ def test_train_that_diverges_exits_1_and_saves_no_cache(workspace, capsys, tmp_p
     assert "reasoncache train: error: training diverged at step 2 of 3: the loss is nan" in err
     assert "no checkpoint was written yet" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_train_into_a_folder_holding_a_run_needs_resume_or_overwrite(workspace, capsys, tmp_path):
+    """A second `train` into the same --out is refused, naming what it would overwrite;
+    --overwrite starts over (the log holds only the new run); --resume continues."""
+    root, model = workspace
+    out = tmp_path / "run"
+    assert main(_train_args(root, model, out)) == 0
+    capsys.readouterr()
+    assert main(_train_args(root, model, out, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a training run (checkpoint.pt, log.jsonl" in err and "--overwrite" in err
+    assert main(_train_args(root, model, out, "--resume", "--overwrite")) == 2
+    assert "pass one" in capsys.readouterr().err
+    assert main(_train_args(root, model, out, "--steps", "2", "--overwrite")) == 0
+    assert [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert main(_train_args(root, model, out, "--steps", "2", "--resume")) == 0

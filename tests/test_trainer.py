@@ -1,5 +1,6 @@
 """The trainer: schedule, exact resume, atomic checkpoints, data parallelism on gloo."""
 
+import json
 import os
 import socket
 
@@ -75,6 +76,30 @@ def test_a_nan_loss_stops_training_before_the_step_and_keeps_the_checkpoint(tmp_
     saved = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
     assert saved["step"] == 3 and all(torch.isfinite(x).all() for x in saved["trainable"].values())
     assert len((tmp_path / "run" / LOG).read_text().splitlines()) == 4  # no row for the step that failed
+
+
+def test_resume_keeps_the_log_to_the_checkpoint_and_a_fresh_run_replaces_it(tmp_path, monkeypatch):
+    """A run stopped at step 5 (checkpoint at 3) and resumed logs each step once, in order, and
+    its history is the whole run; training again from scratch into that folder starts a new log."""
+    model, tok, train, cfg = _setup(steps=6)
+    Trainer(model, tok, train, cfg, tmp_path / "whole", progress=False).train()
+    want = model.reasoncache.keys.detach().clone()
+
+    with monkeypatch.context() as m:
+        poison_step(m, at=5)
+        model, tok, train, cfg = _setup(steps=6)
+        with pytest.raises(TrainingDiverged):
+            Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False).train()
+    assert [json.loads(r)["step"] for r in (tmp_path / "cut" / LOG).read_text().splitlines()] == [1, 2, 3, 4]
+    model, tok, train, cfg = _setup(steps=6)
+    hist = Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False).train(resume=True)
+    assert [r["step"] for r in hist] == [1, 2, 3, 4, 5, 6] and torch.equal(model.reasoncache.keys.detach(), want)
+    rows = [json.loads(r) for r in (tmp_path / "cut" / LOG).read_text().splitlines()]
+    assert rows == json.loads(json.dumps(hist))
+
+    model, tok, train, cfg = _setup(steps=2)
+    Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False).train()
+    assert [json.loads(r)["step"] for r in (tmp_path / "cut" / LOG).read_text().splitlines()] == [1, 2]
 
 
 def test_a_prefix_that_is_already_nan_is_named(tmp_path, recwarn):

@@ -51,9 +51,21 @@ def _prefix_len(text: str) -> int | tuple[int, ...]:
 
 
 def _device(arg: str | None) -> str:
+    """``--device``, checked before any model loads: a torch device string this torch can
+    use; by default cuda when available, else cpu."""
     import torch
 
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(arg)
+    except RuntimeError:
+        raise ValueError(f"--device {arg!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise ValueError(f"--device {arg}: this torch sees {count} CUDA device(s)")
+    return arg
 
 
 def _cache_folder(path: str) -> Path:
@@ -87,6 +99,29 @@ def _load_patched(args):
     model, tok = load_model(args.model, device=_device(args.device), progress=True)
     cache = ReasonCache.from_pretrained(folder, model)
     return patch(model, cache), tok
+
+
+def _check_out_folder(out: Path, resume: bool, overwrite: bool, rank: int) -> None:
+    """A fresh run never writes over an earlier one unasked: with neither ``--resume`` nor
+    ``--overwrite``, an ``--out`` holding a run is refused; ``--overwrite`` removes that run's
+    files (rank 0 does)."""
+    import shutil
+
+    from .trainer import CHECKPOINT, LOG
+
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over: pass one")
+    found = [name for name in (CHECKPOINT, LOG, "loss.png", "cache", "tensorboard") if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--out {out} already holds a training run ({', '.join(found)}): pass --resume to continue it, "
+            "--overwrite to start over there, or another --out"
+        )
+    for name in found if rank == 0 else []:
+        path = out / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def cmd_train(args) -> int:
@@ -127,6 +162,7 @@ def cmd_train(args) -> int:
     if args.init == "turns" and args.no_chat_template:
         raise ValueError("--init turns writes the answers as chat-template turns; it cannot go with --no-chat-template")
     rank, n = world()
+    _check_out_folder(Path(args.out), args.resume, args.overwrite, rank)
     if args.fsdp and n < 2:
         raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N, N >= 2")
     device = _device(args.device)
@@ -343,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N eval examples")
     t.add_argument("--max-new-tokens", type=int, default=128, help="generation length when evaluating (default 128)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    t.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in an OUT that holds an earlier run (its checkpoint, log, cache and loss.png are removed)",
+    )  # fmt: skip
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="greedy exact-match accuracy with a trained cache, or of the frozen model")

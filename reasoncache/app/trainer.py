@@ -413,6 +413,18 @@ class Trainer:
                         self._tb.add_scalar(k, v, row["step"])
                 self._tb.flush()
 
+    def _keep_log_to_checkpoint(self) -> None:
+        """On resume: drop the log rows an interrupted run wrote after its last checkpoint (the
+        resumed run writes those steps again), and start the history with the rows kept."""
+        path = self.out / LOG
+        if self.rank != 0 or not path.is_file():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.history = [r for r in rows if r.get("step", 0) <= self.step]
+        tmp = path.with_name(LOG + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        os.replace(tmp, path)
+
     # ------------------------------------------------------------------ loop
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16)
@@ -577,11 +589,16 @@ class Trainer:
 
     def train(self, resume: bool = False) -> list[dict]:
         """Run to ``cfg.steps`` (from the checkpoint with ``resume=True``), checkpointing and evaluating
-        as configured; returns the log rows (also written to ``out/log.jsonl``)."""
+        as configured; returns the log rows (also written to ``out/log.jsonl``: a fresh run replaces
+        it, a resumed one keeps its rows up to the checkpoint)."""
         from tqdm.auto import tqdm
 
-        if resume and self.load_checkpoint() and self.progress:
-            print(f"resuming from step {self.step}", flush=True)
+        if resume and self.load_checkpoint():
+            self._keep_log_to_checkpoint()
+            if self.progress:
+                print(f"resuming from step {self.step}", flush=True)
+        elif self.step == 0 and self.rank == 0:  # a fresh run starts a fresh log
+            (self.out / LOG).unlink(missing_ok=True)
         if self.cfg.gradient_checkpointing:
             enable_checkpointing(self.model)
         self.model.train()
