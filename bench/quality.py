@@ -649,6 +649,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -
         help="print each variant's completion loss per token on 64 test examples before any training, and exit",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.n_test is not None and args.n_test < 1:
+        ap.error(f"--n-test must be >= 1, got {args.n_test}")
+    if min(args.seeds) < 0:
+        ap.error(f"--seeds must be >= 0, got {min(args.seeds)}")
     cli = [v for v in args.variants if VARIANTS[v]["kind"] == "cli"]
     if cli and (args.init_loss or args.errors):
         ap.error(f"--init-loss and --errors build the run's model in this process; {cli} train through the CLI")

@@ -282,6 +282,24 @@ def test_generate_bench_times_exactly_the_asked_tokens_and_names_a_bad_argument(
     assert "--new-tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--n-test", "0"], "--n-test must be >= 1, got 0"),
+        (["--seeds", "0", "-2"], "--seeds must be >= 0, got -2"),
+    ],
+)
+def test_quality_bench_names_a_bad_count_before_any_run(argv, msg, capsys):
+    """`--steps 0` once surfaced as "the training data has only 0 tokens" from the prefix's
+    initialization; the counts are checked first, naming the flag."""
+    from reasoncache.bench import quality
+
+    with pytest.raises(SystemExit):
+        quality.main(["--task", "arithmetic", "--variants", "lora-b4-lr5e-3", *argv])
+    assert msg in capsys.readouterr().err
+
+
 def test_bench_without_the_demo_extra_says_which_package_is_missing(tmp_path, monkeypatch, capsys):
     """Without matplotlib a plot is skipped with one line naming it; without peft, `bench
     train` refuses the PEFT and LoRA baselines with a message saying how to get them."""
