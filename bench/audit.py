@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import environment, write_json
+from .common import check_counts, environment, write_json
 
 # Per-block shared memory opt-in limits (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
 SMEM_OPTIN = {
@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench audit") -> 
     ap.add_argument("--out", help="write the markdown report here (and the rows as JSON beside it)")
     ap.add_argument("--check", action="store_true", help="exit 1 on a finding not listed in KNOWN")
     args = ap.parse_args(argv)
+    check_counts(ap, args, "workers")
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the audit compiles for the GPU, the interpreter compiles nothing")
     if args.out:

@@ -160,6 +160,14 @@ def bench_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def check_counts(ap: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """A usage error naming the flag for each of ``names`` (argparse dests) given below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def parse_bench_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv`` with ``ap``; ``--device cuda`` without a CUDA device is a usage error, not a crash later."""
     args = ap.parse_args(argv)

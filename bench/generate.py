@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .common import environment, markdown_table, write_json
+from .common import check_counts, environment, markdown_table, write_json
 
 COLUMNS = [
     ("model", "model"),
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench generate") 
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the environment and rows")
     args = ap.parse_args(argv)
-    for name in ("prefix_len", "new_tokens", "reps"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_counts(ap, args, "prefix_len", "new_tokens", "reps", "threads")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device=args.device)

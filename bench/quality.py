@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .common import environment
+from .common import check_counts, environment
 
 # Every variant the study has run; bench/results/quality.md's tables name them. The prefix variants use
 # P=16 (184K parameters on SmolLM2-135M); LoRA's rank is chosen to match that count.
@@ -649,10 +649,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -
         help="print each variant's completion loss per token on 64 test examples before any training, and exit",
     )  # fmt: skip
     args = ap.parse_args(argv)
-    if args.steps < 1:
-        ap.error(f"--steps must be >= 1, got {args.steps}")
-    if args.n_test is not None and args.n_test < 1:
-        ap.error(f"--n-test must be >= 1, got {args.n_test}")
+    check_counts(ap, args, "steps", "n_test")
     if min(args.seeds) < 0:
         ap.error(f"--seeds must be >= 0, got {min(args.seeds)}")
     cli = [v for v in args.variants if VARIANTS[v]["kind"] == "cli"]

@@ -27,7 +27,7 @@ import torch
 
 import reasoncache
 
-from .common import bench_parser, environment, markdown_table, parse_bench_args, write_json
+from .common import bench_parser, check_counts, environment, markdown_table, parse_bench_args, write_json
 
 CONFIGS = {
     "tiny": dict(
@@ -72,6 +72,9 @@ def build(name: str, device: str, dtype: torch.dtype):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.set_attn_implementation("sdpa")
     return model
+
+
+METHODS = ("reasoncache", "peft-prefix", "lora")
 
 
 def prepare(method: str, model, prefix_len: int, checkpointing: bool):
@@ -278,8 +281,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench train") -> 
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--prefix-len", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--methods", default="reasoncache,peft-prefix,lora")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     args = parse_bench_args(ap, argv)
+    check_counts(ap, args, "batch_size", "seq_len", "prefix_len", "steps")
     models = [args.model] if args.model else (["tiny"] if args.device == "cpu" or args.quick else ["1b", "8b"])
     unknown = [m for m in models if m not in CONFIGS and m != "default"]
     if unknown:
@@ -288,6 +292,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench train") -> 
     N = args.seq_len or (64 if args.quick else (100 if args.device == "cpu" else 2048))
     steps = args.steps or (2 if args.quick else 5)
     methods = [m.strip() for m in args.methods.split(",")]
+    if set(methods) - set(METHODS):
+        ap.error(f"--methods: unknown {sorted(set(methods) - set(METHODS))}; choose from {list(METHODS)}")
     if {"peft-prefix", "lora"} & set(methods) and importlib.util.find_spec("peft") is None:
         ap.error("--methods peft-prefix and lora need peft: pip install 'reasoncache[demo]' (or --methods reasoncache)")
     env = environment(args.device)

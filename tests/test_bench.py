@@ -282,21 +282,31 @@ def test_generate_bench_times_exactly_the_asked_tokens_and_names_a_bad_argument(
     assert "--new-tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
+QUALITY = ["--task", "arithmetic", "--variants", "lora-b4-lr5e-3"]
+
+
 @pytest.mark.parametrize(
-    "argv, msg",
+    "suite, argv, msg",
     [
-        (["--steps", "0"], "--steps must be >= 1, got 0"),
-        (["--n-test", "0"], "--n-test must be >= 1, got 0"),
-        (["--seeds", "0", "-2"], "--seeds must be >= 0, got -2"),
+        ("quality", [*QUALITY, "--steps", "0"], "--steps must be >= 1, got 0"),
+        ("quality", [*QUALITY, "--n-test", "0"], "--n-test must be >= 1, got 0"),
+        ("quality", [*QUALITY, "--seeds", "0", "-2"], "--seeds must be >= 0, got -2"),
+        ("train", ["--quick", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        ("train", ["--quick", "--seq-len", "-3"], "--seq-len must be >= 1, got -3"),
+        ("train", ["--quick", "--methods", "reasoncache,nope"], "--methods: unknown ['nope']"),
+        ("generate", ["--threads", "0"], "--threads must be >= 1, got 0"),
+        ("audit", ["--workers", "0"], "--workers must be >= 1, got 0"),
     ],
+    ids=str,
 )
-def test_quality_bench_names_a_bad_count_before_any_run(argv, msg, capsys):
-    """`--steps 0` once surfaced as "the training data has only 0 tokens" from the prefix's
-    initialization; the counts are checked first, naming the flag."""
-    from reasoncache.bench import quality
+def test_bench_names_a_bad_count_before_any_run(suite, argv, msg, capsys):
+    """A count below 1 is a usage error naming the flag, before anything loads or runs (`quality
+    --steps 0` once surfaced as "the training data has only 0 tokens", `train --batch-size 0`
+    ran the default batch, `generate --threads 0` was torch's traceback)."""
+    import importlib
 
     with pytest.raises(SystemExit):
-        quality.main(["--task", "arithmetic", "--variants", "lora-b4-lr5e-3", *argv])
+        importlib.import_module(f"reasoncache.bench.{suite}").main(argv)
     assert msg in capsys.readouterr().err
 
 
