@@ -120,7 +120,11 @@ def test_extract_answer(text, pattern, want):
 
 def test_normalize_compares_numbers_by_value():
     assert normalize("1,234.") == normalize("1234") == "1234"
+    assert normalize("$1,234") == normalize("$1234.00") == "1234" and normalize("$x") == "$x"  # GSM8K money
     assert normalize("3.50") == "3.5" and normalize(" Yes ") == "yes" and normalize(None) is None
+    assert normalize("-0.50") == "-0.5" and normalize("+7") == "7" and normalize("1e3") == "1000"
+    assert normalize("12345678901234567891") != normalize("12345678901234567890")  # one double apart
+    assert normalize("-0.0") == "0" and len(normalize("1e5000")) == 5001  # past int's str limit, no ValueError
     # a generation may end in "#### inf": compared as a word, where int() used to crash the evaluation
     assert normalize("inf") == "inf" and normalize("-Infinity") == "-infinity" and normalize("NaN") == "nan"
 

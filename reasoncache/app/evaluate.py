@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import re
 import time
+from decimal import Decimal, InvalidOperation
 
 import torch
 
@@ -43,17 +43,22 @@ def extract_answer(text: str, pattern: str | None = None) -> str | None:
 
 def normalize(ans: str | None) -> str | None:
     """The form answers are compared in: ``None`` stays ``None``; numbers lose commas, a trailing
-    period and a zero fraction (``"1,024.0"`` -> ``"1024"``); anything else is lower-cased."""
+    period, a leading dollar sign and a zero fraction (``"$1,024.0"`` -> ``"1024"``), exactly
+    (decimal, so two integers past 2**53 stay apart); anything else is lower-cased."""
     if ans is None:
         return None
     ans = ans.strip().rstrip(".").replace(",", "")
     try:
-        x = float(ans)
-    except ValueError:
+        x = Decimal(ans.removeprefix("$"))
+    except InvalidOperation:
         return ans.lower()
-    if not math.isfinite(x):  # "inf", "nan": compared as words (int() of them raises)
+    if not x.is_finite():  # "inf", "nan": compared as words
         return ans.lower()
-    return str(int(x)) if x == int(x) else str(x)
+    if x == 0:
+        return "0"  # not "-0"
+    if x == x.to_integral_value():
+        return format(x.to_integral_value(), "f")  # not str(int(x)): "1e5000" would pass int's str limit
+    return format(x.normalize(), "f")
 
 
 @torch.no_grad()
