@@ -70,6 +70,7 @@ def test_a_nan_loss_stops_training_before_the_step_and_keeps_the_checkpoint(tmp_
     with pytest.raises(TrainingDiverged, match=r"diverged at step 5 of 6: the loss is nan") as err:
         t.train()
     assert "The step was not applied, so the parameters hold step 4's values" in str(err.value)
+    assert "float16" not in str(err.value)  # an fp32 model is not told about fp16's range
     assert f"{tmp_path / 'run' / CHECKPOINT} (step 3), is intact" in str(err.value)
     assert t.step == 4 and all(torch.equal(p, w) for (_, p), w in zip(t.params, want))
     assert all(p.grad is None for _, p in t.params)
@@ -109,6 +110,13 @@ def test_a_prefix_that_is_already_nan_is_named(tmp_path, recwarn):
     with pytest.raises(TrainingDiverged, match=r"at step 1 of 2: .* already hold NaN or inf \(reasoncache\.values\)"):
         Trainer(model, tok, train, cfg, tmp_path, progress=False).train()
     assert not [w for w in recwarn if "packing" in str(w.message)]  # NaN is not evidence against packing
+
+
+def test_a_diverged_float16_model_is_told_about_float16(tmp_path, monkeypatch):
+    poison_step(monkeypatch, at=1)
+    model, tok, train, cfg = _setup(steps=2)
+    with pytest.raises(TrainingDiverged, match="The model runs in float16"):
+        Trainer(model.half(), tok, train, cfg, tmp_path, progress=False).train()
 
 
 def test_resume_with_other_settings_says_which(tmp_path):

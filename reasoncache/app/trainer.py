@@ -514,7 +514,9 @@ class Trainer:
             f"norm {self.grad_norm} (learning rate {self.sched.get_last_lr()[0]:.3g} this step, lr={self.cfg.lr:g}). "
             f"{state} Nothing more was saved; {kept}. A learning rate too high for this model is the usual cause: "
             "train again with a lower one (a third, say); resuming (--resume) continues only with the same settings."
-        )
+            + (" The model runs in float16, whose range activations can overflow: bfloat16 or float32 avoid that."
+               if any(p.dtype == torch.float16 for p in self.model.parameters()) else "")
+        )  # fmt: skip
 
     def _average(self) -> list[torch.Tensor]:
         """The moving average after ``step`` steps: ``sum_t (1 - d) d^(step - t) p_t / (1 - d^step)``
