@@ -88,6 +88,25 @@ def test_backward_bitwise_deterministic_on_gpu(backend):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], r))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs_and_a_nan_prefix_head_on_gpu(backend):
+    """An empty batch or no queries gives empty results and zero key/prefix gradients; a
+    prefix head of NaN shows as NaN in exactly the rows the fp64 reference gives NaN."""
+    _skip_unsupported(backend, Case(B=1, Hq=1, Hkv=1, Nq=1, Nk=1, P=1, D=64))
+    for B, Nq, Nk in ((0, 5, 6), (2, 0, 6)):
+        tensors, _ = make_inputs(Case(B=B, Hq=4, Hkv=2, Nq=Nq, Nk=Nk, P=3, D=64), torch.bfloat16, "cuda")
+        out = reasoncache.prefix_attention(*tensors, backend=backend)
+        assert out.shape == (B, 4, Nq, 64)
+        for g, t in zip(torch.autograd.grad(out.float().sum(), tensors), tensors):
+            assert g.shape == t.shape and not g.any()
+    (q, k, v, pk, pv), _ = make_inputs(Case(B=2, Hq=4, Hkv=2, Nq=40, Nk=40, P=3, D=64), torch.bfloat16, "cuda")
+    pk = pk.detach().clone()
+    pk[0] = float("nan")
+    ref, _ = reasoncache.prefix_attention_ref(*[t.detach().double() for t in (q, k, v, pk, pv)])
+    out = reasoncache.prefix_attention(q, k, v, pk, pv, backend=backend)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[:, :2].isnan().all()
+
+
 def test_auto_picks_triton_on_cuda():
     tensors, _ = make_inputs(Case(B=1, Hq=2, Hkv=1, Nq=8, Nk=8, P=2, D=64), dtype=torch.float16, device="cuda")
     from reasoncache.ops import backends
