@@ -1,5 +1,6 @@
 """ReasonCache + patch on tiny random models of every supported architecture (CPU, fp32)."""
 
+import dataclasses
 import inspect
 
 import pytest
@@ -98,6 +99,9 @@ def test_trains_under_transformers_trainer(tmp_path):
     frozen = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     ids = _ids(16, N)
     data = [{"input_ids": x, "labels": x} for x in ids]
+    # transformers renamed gradient_checkpointing (a deprecated alias now); the GPU machine's 5.17 may predate it
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=3,
@@ -106,7 +110,7 @@ def test_trains_under_transformers_trainer(tmp_path):
         report_to=[],
         save_strategy="no",
         use_cpu=True,
-        gradient_checkpointing=True,
+        **{checkpointing: True},
     )
     Trainer(model=model, args=args, train_dataset=data).train()
     assert not torch.equal(cache.keys.detach(), start)
