@@ -51,12 +51,29 @@ def test_rows_of_both_formats(tmp_path):
             "last message must be the assistant's",
         ),
         ('{"prompt": "x", "completion": "y", "answer": [1]}', "'answer' must be a string or number"),
+        (
+            '{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+            r"message roles must be one of \('system', 'user', 'assistant'\), got \['bot'\]",
+        ),
+        ('{"question": "x", "answer": "7"}', "--prompt-field question --completion-field answer"),
     ],
 )
 def test_malformed_row_names_file_and_line(tmp_path, line, message):
     f = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "ok", "completion": "ok"}), line])
     with pytest.raises(ValueError, match=rf"bad.jsonl:2: .*{message}"):
         load_jsonl(f)
+
+
+def test_a_byte_order_mark_is_skipped_and_system_messages_are_reported(tmp_path, capsys):
+    rows = [
+        {"prompt": "1+1?", "completion": "#### 2"},
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "#### 4"}]},
+    ]  # fmt: skip
+    f = tmp_path / "bom.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    assert [e.prompt for e in load_jsonl(f)] == ["1+1?", "q"]
+    assert "1 of 2 rows hold a system message; it is left out of the prompt" in capsys.readouterr().err
 
 
 def test_missing_and_empty_files(tmp_path):

@@ -31,9 +31,14 @@ def _bad(where: str, msg: str) -> ValueError:
     return ValueError(f"{where}: {msg}")
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def parse_row(row, where: str) -> Example:
     """One JSONL row: ``{"prompt", "completion", "answer"?}`` or ``{"messages": [...]}``
-    (the last message must be the assistant's: it is the completion)."""
+    (the last message must be the assistant's: it is the completion; the earlier user and
+    assistant messages, joined by newlines, are the prompt; system messages are left out,
+    and ``load_jsonl`` says so)."""
     if not isinstance(row, dict):
         raise _bad(where, f"expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
@@ -47,12 +52,21 @@ def parse_row(row, where: str) -> Example:
             )
         ):
             raise _bad(where, "'messages' must be a list of >= 2 {role, content} objects with string values")
+        odd = sorted({m["role"] for m in msgs} - set(ROLES))
+        if odd:
+            raise _bad(where, f"message roles must be one of {ROLES}, got {odd}")
         if msgs[-1]["role"] != "assistant":
             raise _bad(
                 where, f"the last message must be the assistant's (the completion), got role {msgs[-1]['role']!r}"
             )
         prompt = "\n".join(m["content"] for m in msgs[:-1] if m["role"] != "system")
         return Example(prompt, msgs[-1]["content"], _opt_answer(row, where), where)
+    if {"question", "answer"} <= set(row) and not ({"prompt", "completion"} & set(row)):
+        raise _bad(
+            where,
+            "a 'question'/'answer' row is read as GSM8K only when the first row's answer holds '#### N'; "
+            "name the fields instead: --prompt-field question --completion-field answer",
+        )
     for key in ("prompt", "completion"):
         if not isinstance(row.get(key), str):
             raise _bad(where, f"missing or non-string {key!r} (rows need 'prompt' and 'completion', or 'messages')")
@@ -107,8 +121,8 @@ def load_jsonl(path: str | Path, prompt_field: str | None = None, completion_fie
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    out = []
-    with path.open(encoding="utf-8") as f:
+    out, with_system = [], 0
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (some Windows editors write one) is skipped
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -126,10 +140,17 @@ def load_jsonl(path: str | Path, prompt_field: str | None = None, completion_fie
                 )
             if prompt_field is None:
                 out.append(parse_row(row, where))
+                with_system += "messages" in row and any(m["role"] == "system" for m in row["messages"])
             else:
                 out.append(mapped_row(row, where, prompt_field, completion_field))
     if not out:
         raise ValueError(f"{path}: no examples")
+    if with_system:
+        print(
+            f"{path}: {with_system} of {len(out)} rows hold a system message; it is left out of the prompt "
+            "(the chat template's own default system turn, if it has one, is used)",
+            file=sys.stderr,
+        )
     return out
 
 
