@@ -392,6 +392,19 @@ def test_bad_input_errors():
         reasoncache.unpatch(model)
 
 
+def test_encoders_and_encoder_decoders_are_refused_by_name():
+    """A prefix is learned for causal decoders: BERT's bidirectional attention and T5 are
+    refused up front (BERT used to fail inside the probe forward, with an index error)."""
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(TypeError, match="BertModel's attention is bidirectional"):
+        ReasonCache.for_model(bert, prefix_len=4)
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64))
+    with pytest.raises(TypeError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        reasoncache.patch(t5, None)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_from_peft_reproduces_peft_prefix_tuning_logits(arch, tmp_path):
     peft = pytest.importorskip("peft")

@@ -60,7 +60,13 @@ def text_config(model: nn.Module):
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules in layer order (each has ``layer_idx``). Raises if none."""
+    """Self-attention modules in layer order (each has ``layer_idx``). Raises if none, and for
+    an encoder-decoder or a bidirectional (encoder) model: a prefix is learned for causal decoders."""
+    if hasattr(model, "config") and getattr(text_config(model), "is_encoder_decoder", False):
+        raise TypeError(
+            f"{type(model).__name__} is an encoder-decoder model; reasoncache patches decoder-only models "
+            "(Llama, Qwen2/3, Mistral, Gemma, Gemma 3, GPT-2, ...)"
+        )
     mods = [
         m
         for m in model.modules()
@@ -74,6 +80,11 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             f"{type(model).__name__} has no attention modules with a layer_idx; reasoncache patches Hugging Face "
             "decoders whose attention dispatches through transformers' AttentionInterface (Llama, Qwen2/3, "
             "Mistral, Gemma, Gemma 3, GPT-2, ...)"
+        )
+    if not any(getattr(m, "is_causal", True) for m in mods):
+        raise TypeError(
+            f"{type(model).__name__}'s attention is bidirectional (is_causal=False: an encoder); reasoncache "
+            "patches causal decoder-only models"
         )
     idx = [m.layer_idx for m in mods]
     if idx != list(range(len(mods))):
