@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from reasoncache.app.trainer import TrainingDiverged
+
 from .common import check_counts, environment
 
 # Every variant the study has run; bench/results/quality.md's tables name them. The prefix variants use
@@ -419,6 +421,9 @@ def run_cli(
     def call(args: list[str], log: str) -> str:
         with (folder / log).open("w") as f:
             done = subprocess.run(cli + args + model, stdout=subprocess.PIPE, stderr=f, text=True)
+        if done.returncode == 1 and args[0] == "train":  # the CLI's status for a diverged run
+            lines = (folder / log).read_text().strip().splitlines()
+            raise TrainingDiverged(lines[-1] if lines else f"reasoncache train exited 1; see {folder / log}")
         if done.returncode:
             raise SystemExit(f"{' '.join(cli + args)} failed ({done.returncode}); its stderr: {folder / log}")
         return done.stdout
@@ -488,8 +493,14 @@ def errors(task: str, variant: str, seed: int, *, steps: int, model_path=None, n
             "first_wrong_step": dict(sorted(where.items())), "solution": test[0].completion}  # fmt: skip
 
 
+def _done_as(row: dict) -> tuple[bool, ...]:
+    """The ``evaluate_test`` values a recorded row answers: its own, or both for a diverged run."""
+    return (True, False) if "diverged" in row else ("accuracy" in row,)
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per (task, variant, steps) with accuracy mean ± std over seeds."""
+    """Markdown: one line per (task, variant, steps) with accuracy mean ± std over seeds (a run
+    that diverged is counted beside the seeds, not in the means)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["steps"], r["variant"]), []).append(r)
@@ -497,19 +508,19 @@ def table(rows: list[dict]) -> str:
         "| task | variant | config | params | seeds | accuracy mean ± std | min-max | final train loss |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for (task, steps, variant), rs in sorted(groups.items()):
-        cfg = ", ".join(f"{k}={v}" for k, v in rs[0]["config"].items() if k != "kind")
+    for (task, steps, variant), group in sorted(groups.items()):
+        rs = [r for r in group if "diverged" not in r]
+        cfg = ", ".join(f"{k}={v}" for k, v in group[0]["config"].items() if k != "kind")
+        seeds = f"{len(rs)}" + (f" ({len(group) - len(rs)} diverged)" if len(rs) < len(group) else "")
         accs = [r["accuracy"] for r in rs if "accuracy" in r]
-        loss = statistics.mean(r["loss_last10"] for r in rs)
+        loss = f"{statistics.mean(r['loss_last10'] for r in rs):.3f}" if rs else "-"
         if accs:
             sd = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else " (one seed)"
             acc, rng = f"{statistics.mean(accs):.3f}{sd}", f"{min(accs):.2f}-{max(accs):.2f}"
         else:
             acc = rng = "-"
-        out.append(
-            f"| {task} ({steps} steps) | {variant} | {cfg} | {rs[0]['trainable_params']:,} | {len(rs)} "
-            f"| {acc} | {rng} | {loss:.3f} |"
-        )
+        params = f"{rs[0]['trainable_params']:,}" if rs else "-"
+        out.append(f"| {task} ({steps} steps) | {variant} | {cfg} | {params} | {seeds} | {acc} | {rng} | {loss} |")
     return "\n".join(out)
 
 
@@ -694,32 +705,27 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench quality") -
     if args.table:
         print(table(done))
         return
-    have = {(r["task"], r["variant"], r["seed"], r["steps"], "accuracy" in r) for r in done}
+    # a diverged run is done either way: running it again diverges again
+    have = {(r["task"], r["variant"], r["seed"], r["steps"], e) for r in done for e in _done_as(r)}
     env = environment("cpu")
     for seed in args.seeds:  # seed-major: every variant gets seed 0 before any gets seed 1
         for task in args.task:
             for variant in args.variants:
                 if (task, variant, seed, args.steps, not args.no_eval) in have:
                     continue
-                if VARIANTS[variant]["kind"] == "cli":
-                    row = run_cli(task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval,
-                                  model_path=args.model, n_test=args.n_test)  # fmt: skip
-                else:
-                    row = run_one(
-                        task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval, model_path=args.model,
-                        n_test=args.n_test,
-                    )  # fmt: skip
+                run = run_cli if VARIANTS[variant]["kind"] == "cli" else run_one
+                try:
+                    row = run(task, variant, seed, steps=args.steps, evaluate_test=not args.no_eval,
+                              model_path=args.model, n_test=args.n_test)  # fmt: skip
+                except TrainingDiverged as e:  # a row that says so; the other runs go on
+                    row = {"task": task, "variant": variant, "seed": seed, "steps": args.steps,
+                           "config": VARIANTS[variant], "diverged": str(e)}  # fmt: skip
                 row.update(commit=env.get("git_commit"), torch=env.get("torch"), threads=torch.get_num_threads())
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 with args.out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                print(
-                    json.dumps(
-                        {k: row[k] for k in ("task", "variant", "seed", "loss_last10", "train_s")}
-                        | {"accuracy": row.get("accuracy")}
-                    ),
-                    flush=True,
-                )
+                keys = ("task", "variant", "seed", *(["diverged"] if "diverged" in row else ["loss_last10", "train_s"]))
+                print(json.dumps({k: row[k] for k in keys} | {"accuracy": row.get("accuracy")}), flush=True)
 
 
 if __name__ == "__main__":

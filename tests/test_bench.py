@@ -268,6 +268,47 @@ def test_the_cli_variant_trains_and_evaluates_through_the_commands_a_user_runs(t
     assert max(r.get("step", 0) for r in log) == 2
 
 
+def test_a_diverged_run_is_a_row_and_the_rest_of_the_queue_runs(tmp_path, monkeypatch, capsys):
+    """The first run of two diverges (its loss made NaN): it is recorded as a diverged row, the
+    second still runs, the table counts the divergence beside the seeds, and running the same
+    command again runs neither."""
+    from helpers import poison_step
+    from reasoncache.bench import quality
+    from tiny_models import save_tiny
+
+    monkeypatch.setattr(quality.tempfile, "gettempdir", lambda: str(tmp_path))
+    model, out = save_tiny(tmp_path / "model"), tmp_path / "rows.jsonl"
+    argv = ["--task", "arithmetic", "--variants", "prefix-answers-b4-lr3e-2", "prefix-answers-b4-p24x8-lr3e-2",
+            "--seeds", "0", "--steps", "2", "--no-eval", "--model", model, "--out", str(out)]  # fmt: skip
+    poison_step(monkeypatch, at=2)  # the first run's second step
+    quality.main(argv)
+    first, second = [json.loads(x) for x in out.read_text().splitlines()]
+    assert first["variant"] == "prefix-answers-b4-lr3e-2" and "training diverged at step 2 of 2" in first["diverged"]
+    assert "diverged" not in second and second["loss_last10"] > 0
+    assert "| 0 (1 diverged) | - | - | - |" in quality.table([first, second])
+    capsys.readouterr()
+    quality.main(argv)
+    assert len(out.read_text().splitlines()) == 2 and capsys.readouterr().out == ""
+
+
+def test_the_cli_variant_reports_a_diverged_train_as_divergence(tmp_path, monkeypatch):
+    """`reasoncache train` exiting 1 (its status for a diverged run) becomes TrainingDiverged
+    with the command's last stderr line, which the queue records as a row."""
+    import subprocess
+
+    from reasoncache.app.trainer import TrainingDiverged
+    from reasoncache.bench import quality
+
+    def diverging(cmd, stdout, stderr, text):
+        stderr.write("reasoncache train: error: training diverged at step 3 of 8: the loss is nan ...\n")
+        return subprocess.CompletedProcess(cmd, 1, "")
+
+    monkeypatch.setattr(quality.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", diverging)
+    with pytest.raises(TrainingDiverged, match="training diverged at step 3 of 8"):
+        quality.run_cli("next_in_sequence", "prefix-cli-defaults", 0, steps=2, evaluate_test=True, n_test=3)
+
+
 def test_generate_bench_times_exactly_the_asked_tokens_and_names_a_bad_argument(capsys):
     """bench generate forces the number of new tokens (an early end-of-sequence would time a
     shorter run), and refuses a non-positive count naming the flag, before loading a model."""
