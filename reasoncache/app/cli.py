@@ -119,9 +119,14 @@ def _check_out_folder(out: Path, resume: bool, overwrite: bool, rank: int) -> No
             f"--out {out} already holds a training run ({', '.join(found)}): pass --resume to continue it, "
             "--overwrite to start over there, or another --out"
         )
-    for name in found if rank == 0 else []:
+    if rank != 0:
+        return
+    for name in found:
         path = out / name
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def cmd_train(args) -> int:
