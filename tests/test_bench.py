@@ -268,6 +268,32 @@ def test_the_cli_variant_trains_and_evaluates_through_the_commands_a_user_runs(t
     assert max(r.get("step", 0) for r in log) == 2
 
 
+def test_position_dropout_drops_prefix_positions_only_while_training():
+    """The bench-only position dropout keeps position 0 and drops others at about its rate in
+    training mode; in eval mode, and in the patched model's eval forward, the whole prefix."""
+    import reasoncache
+    from reasoncache.bench import quality
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    cache = reasoncache.ReasonCache.for_model(model, prefix_len=40)
+    k0, _ = cache.layer(0)
+    quality.with_position_dropout(cache, 0.25)
+    reasoncache.patch(model, cache)
+    model.train()
+    torch.manual_seed(0)
+    kept = [cache.layer(0)[0] for _ in range(50)]
+    assert all(torch.equal(k[:, 0], k0[:, 0]) for k in kept)  # position 0 is always there
+    share = sum(k.shape[1] - 1 for k in kept) / (50 * 39)
+    assert 0.65 < share < 0.85  # about 1 - 0.25 of the others
+    model.eval()
+    assert torch.equal(cache.layer(0)[0], k0)
+    ids = torch.randint(3, 100, (1, 6))
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert 0 < int((cache.keys.grad[0].abs().sum((0, 2)) > 0).sum()) < 40  # dropped positions get no gradient
+
+
 def test_a_diverged_run_is_a_row_and_the_rest_of_the_queue_runs(tmp_path, monkeypatch, capsys):
     """The first run of two diverges (its loss made NaN): it is recorded as a diverged row, the
     second still runs, the table counts the divergence beside the seeds, and running the same
