@@ -392,6 +392,21 @@ def test_bad_input_errors():
         reasoncache.unpatch(model)
 
 
+def test_an_absolute_position_model_says_how_many_tokens_fit_after_the_prefix():
+    """GPT-2's 256 positions are shared by the prefix (its position offset) and the input: past
+    them, a clear error instead of an embedding IndexError; packed rows whose positions restart
+    fit by their positions, not their length."""
+    model = tiny_model("gpt2")
+    reasoncache.patch(model, ReasonCache.from_demonstrations(model, _ids(1, 250)))
+    assert model(_ids(1, 6)).logits.shape[1] == 6
+    with pytest.raises(ValueError, match="256 positions .* takes the first 250 .* at most 6 tokens .* reaches 10"):
+        model(_ids(1, 10))
+    with pytest.raises(ValueError, match="reaches 7"):
+        model.generate(_ids(1, 4), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    packed = torch.arange(6).repeat(2)[None]  # two segments of 6
+    assert model(_ids(1, 12), position_ids=packed).logits.shape[1] == 12
+
+
 def test_encoders_and_encoder_decoders_are_refused_by_name():
     """A prefix is learned for causal decoders: BERT's bidirectional attention and T5 are
     refused up front (BERT used to fail inside the probe forward, with an index error)."""

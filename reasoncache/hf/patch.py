@@ -31,8 +31,9 @@ def _check_supported(model: nn.Module) -> list[nn.Module]:
     return attention_modules(model)
 
 
-def _position_offset_hook(offset: int):
-    """Shift query positions by ``offset`` (absolute-position models such as GPT-2)."""
+def _position_offset_hook(offset: int, limit: int | None = None):
+    """Shift query positions by ``offset`` (absolute-position models such as GPT-2, whose
+    ``limit`` positions the prefix's ``offset`` shares with the input)."""
 
     def hook(module, args, kwargs):
         pos = kwargs.get("position_ids")
@@ -42,6 +43,14 @@ def _position_offset_hook(offset: int):
             past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 renamed it `cache`
             start = past.get_seq_length() if past is not None else 0
             pos = torch.arange(start, start + x.shape[1], device=x.device)[None]
+            reach = start + x.shape[1]
+        else:  # generate's, or packed sequences' (restarting): read them (a sync, on these models only)
+            reach = int(pos.max()) + 1 if pos.numel() else 0
+        if limit is not None and offset + reach > limit:
+            raise ValueError(
+                f"the model has {limit} positions and this cache's prefix takes the first {offset} "
+                f"(position_offset), so at most {limit - offset} tokens fit after it; this call reaches {reach}"
+            )
         kwargs["position_ids"] = pos + offset
         return args, kwargs
 
@@ -54,7 +63,9 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 def _register_offset(model: nn.Module, offset: int):
     """The position-offset hook on ``model``'s base model (its handle)."""
-    return _base_model(model).register_forward_pre_hook(_position_offset_hook(offset), with_kwargs=True)
+    limit = getattr(text_config(model), "max_position_embeddings", None)
+    hook = _position_offset_hook(offset, limit if isinstance(limit, int) else None)
+    return _base_model(model).register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def patch(model: nn.Module, cache: nn.Module | None) -> nn.Module:
