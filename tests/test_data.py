@@ -159,6 +159,18 @@ def test_evaluation_refuses_bad_settings_before_generating():
             evaluate(None, tiny_tokenizer(), [], **bad)
 
 
+def test_evaluation_refuses_examples_it_could_only_score_wrong():
+    """No examples, or examples whose answer cannot be found (no 'answer', no '####', no number),
+    used to give accuracy 0.0 (every such example counted wrong whatever the model wrote)."""
+    with pytest.raises(ValueError, match="at least one example"):
+        evaluate(None, tiny_tokenizer(), [])
+    rows = [Example("q1", "#### 4"), Example("q2", "it is Monday", source="d.jsonl:2")]
+    with pytest.raises(ValueError, match=r"1 of 2 examples have no answer .*the first: d.jsonl:2"):
+        evaluate(None, tiny_tokenizer(), rows)
+    with pytest.raises(ValueError, match="no number matching answer_pattern"):
+        evaluate(None, tiny_tokenizer(), rows[:1], answer_pattern="ANSWER: (\\w+)")
+
+
 def test_next_in_sequence_continues_the_sequence_by_its_step_in_either_direction():
     down = 0
     for e in make_split("next_in_sequence", 200, 0, seed=3)[0]:

@@ -61,6 +61,12 @@ def normalize(ans: str | None) -> str | None:
     return format(x.normalize(), "f")
 
 
+def _check_lengths(max_new_tokens, batch_size) -> None:
+    for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not is_int_at_least(v, 1):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -77,9 +83,7 @@ def generate(
     needs every process in every forward)."""
     from tqdm.auto import tqdm
 
-    for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if not is_int_at_least(v, 1):
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    _check_lengths(max_new_tokens, batch_size)
     device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"
@@ -119,22 +123,35 @@ def evaluate(
     ``prompt_tokens`` (mean prompt length the model saw), ``examples_per_s`` (generation
     throughput) and per-example ``predictions``. ``synced_gpus``: as in ``generate``."""
     check_answer_pattern(answer_pattern)
+    _check_lengths(max_new_tokens, batch_size)
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    golds = [
+        normalize(e.answer if e.answer is not None else extract_answer(e.completion, answer_pattern)) for e in examples
+    ]
+    missing = [e for e, g in zip(examples, golds) if g is None]
+    if missing:  # every one of them would count as wrong, whatever the model writes
+        raise ValueError(
+            f"{len(missing)} of {len(examples)} examples have no answer to compare with (the first: "
+            f"{missing[0].source or repr(missing[0].prompt[:60])}): no 'answer' field, and its completion has "
+            "no '####' and no number" + (" matching answer_pattern" if answer_pattern else "")
+            + "; give each row an 'answer', or an answer_pattern (--answer-pattern) that finds it"
+        )  # fmt: skip
     prompts = [format_prompt(tok, e.prompt, chat_template, shots) for e in examples]
     t0 = time.perf_counter()
     texts = generate(model, tok, prompts, max_new_tokens, batch_size, progress, "evaluating", synced_gpus)
     seconds = time.perf_counter() - t0
     preds, correct = [], 0
-    for e, text in zip(examples, texts):
-        gold = normalize(e.answer if e.answer is not None else extract_answer(e.completion, answer_pattern))
+    for e, text, gold in zip(examples, texts, golds):
         pred = normalize(extract_answer(text, answer_pattern))
         ok = pred is not None and pred == gold
         correct += ok
         preds.append({"prompt": e.prompt, "generation": text, "prediction": pred, "answer": gold, "correct": ok})
     lengths = [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
     return {
-        "accuracy": correct / max(1, len(examples)),
+        "accuracy": correct / len(examples),
         "n": len(examples),
-        "prompt_tokens": sum(lengths) / max(1, len(lengths)),
+        "prompt_tokens": sum(lengths) / len(lengths),
         "examples_per_s": len(examples) / seconds if seconds > 0 else None,
         "predictions": preds,
     }
