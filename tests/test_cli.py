@@ -142,6 +142,11 @@ def test_bad_generation_flags_are_refused_before_the_model_loads(workspace, caps
     assert "checkpoint_every must be a positive int, got 0" in capsys.readouterr().err
     assert main(train + ["--device", "gpu"]) == 2
     assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
+    words = root / "words.jsonl"  # answers in words, no '####': nothing to score them by
+    words.write_text(json.dumps({"prompt": "Which day follows Monday?", "completion": "Tuesday"}) + "\n")
+    for argv in (["eval", "--data", str(words), "--model", str(root / "m.gguf")], train + ["--eval-data", str(words)]):
+        assert main(argv) == 2
+        assert "1 of 1 examples have no answer to compare with (the first: " in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():

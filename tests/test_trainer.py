@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import reasoncache
 from helpers import poison_step
 from reasoncache import build_cache
+from reasoncache.app.data import Example
 from reasoncache.app.tasks import make_split
 from reasoncache.app.trainer import CHECKPOINT, LOG, TrainConfig, Trainer, TrainingDiverged, lr_multiplier
 from reasoncache.cache import per_layer_lengths
@@ -101,6 +102,14 @@ def test_resume_keeps_the_log_to_the_checkpoint_and_a_fresh_run_replaces_it(tmp_
     model, tok, train, cfg = _setup(steps=2)
     Trainer(model, tok, train, cfg, tmp_path / "cut", progress=False).train()
     assert [json.loads(r)["step"] for r in (tmp_path / "cut" / LOG).read_text().splitlines()] == [1, 2]
+
+
+def test_eval_examples_without_answers_are_refused_before_training(tmp_path):
+    model, tok, train, cfg = _setup(steps=2)
+    unscorable = [Example("Which day follows Monday?", "Tuesday")]
+    with pytest.raises(ValueError, match="no answer to compare with"):
+        Trainer(model, tok, train, cfg, tmp_path, eval_examples=unscorable, progress=False)
+    assert not (tmp_path / LOG).exists()
 
 
 def test_a_prefix_that_is_already_nan_is_named(tmp_path, recwarn):

@@ -137,12 +137,15 @@ def cmd_train(args) -> int:
     from ..cache import build_cache
     from ..hf import patch
     from .data import load_jsonl
+    from .evaluate import gold_answers
     from .models import load_model
     from .trainer import TrainConfig, Trainer, leave_world, plot_loss_curve, world
 
     fields = (args.prompt_field, args.completion_field)
     train = load_jsonl(args.data, *fields)
     evals = load_jsonl(args.eval_data, *fields) if args.eval_data else None
+    if evals:
+        gold_answers(evals, args.answer_pattern)  # before any training: its evaluation would fail at the end
     cfg = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -223,6 +226,7 @@ def cmd_eval(args) -> int:
     as it is, or of either with ``--shots`` demonstrations in the prompt; returns the exit status."""
     from .baselines import in_context
     from .data import load_jsonl
+    from .evaluate import gold_answers
     from .models import load_model
 
     _check_generation_flags(args)
@@ -231,6 +235,7 @@ def cmd_eval(args) -> int:
     if args.shots and not args.shots_from:
         raise ValueError(f"--shots {args.shots} needs --shots-from FILE (the JSONL the demonstrations come from)")
     data = load_jsonl(args.data, args.prompt_field, args.completion_field)
+    gold_answers(data, args.answer_pattern)  # before the model loads: a row it cannot score is an error
     shots = load_jsonl(args.shots_from, args.prompt_field, args.completion_field)[: args.shots] if args.shots else []
     if len(shots) < args.shots:
         raise ValueError(f"--shots {args.shots}: {args.shots_from} holds only {len(shots)} examples")

@@ -61,6 +61,27 @@ def normalize(ans: str | None) -> str | None:
     return format(x.normalize(), "f")
 
 
+def gold_answers(examples: list[Example], answer_pattern: str | None = None) -> list[str]:
+    """The normalized answer of every example (its ``answer``, else found in its completion as
+    ``extract_answer`` finds one). Raises for no examples, or for an example with no answer to
+    find: it would count as wrong whatever the model wrote. Cheap: run it before any model work."""
+    check_answer_pattern(answer_pattern)
+    if not examples:
+        raise ValueError("evaluation needs at least one example")
+    golds = [
+        normalize(e.answer if e.answer is not None else extract_answer(e.completion, answer_pattern)) for e in examples
+    ]
+    missing = [e for e, g in zip(examples, golds) if g is None]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(examples)} examples have no answer to compare with (the first: "
+            f"{missing[0].source or repr(missing[0].prompt[:60])}): no 'answer' field, and its completion has "
+            "no '####' and no number" + (" matching answer_pattern" if answer_pattern else "")
+            + "; give each row an 'answer', or an answer_pattern (--answer-pattern) that finds it"
+        )  # fmt: skip
+    return golds
+
+
 def _check_lengths(max_new_tokens, batch_size) -> None:
     for name, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if not is_int_at_least(v, 1):
@@ -122,21 +143,8 @@ def evaluate(
     answer extracted from its reference completion). Returns ``accuracy``, ``n``,
     ``prompt_tokens`` (mean prompt length the model saw), ``examples_per_s`` (generation
     throughput) and per-example ``predictions``. ``synced_gpus``: as in ``generate``."""
-    check_answer_pattern(answer_pattern)
     _check_lengths(max_new_tokens, batch_size)
-    if not examples:
-        raise ValueError("evaluate needs at least one example")
-    golds = [
-        normalize(e.answer if e.answer is not None else extract_answer(e.completion, answer_pattern)) for e in examples
-    ]
-    missing = [e for e, g in zip(examples, golds) if g is None]
-    if missing:  # every one of them would count as wrong, whatever the model writes
-        raise ValueError(
-            f"{len(missing)} of {len(examples)} examples have no answer to compare with (the first: "
-            f"{missing[0].source or repr(missing[0].prompt[:60])}): no 'answer' field, and its completion has "
-            "no '####' and no number" + (" matching answer_pattern" if answer_pattern else "")
-            + "; give each row an 'answer', or an answer_pattern (--answer-pattern) that finds it"
-        )  # fmt: skip
+    golds = gold_answers(examples, answer_pattern)
     prompts = [format_prompt(tok, e.prompt, chat_template, shots) for e in examples]
     t0 = time.perf_counter()
     texts = generate(model, tok, prompts, max_new_tokens, batch_size, progress, "evaluating", synced_gpus)

@@ -29,7 +29,7 @@ from torch import nn
 from .._checks import is_int_at_least
 from ..hf import prefix_suspended
 from .data import IGNORE, Example, batch_order, collate, collate_packed, encode
-from .evaluate import check_answer_pattern, evaluate
+from .evaluate import check_answer_pattern, evaluate, gold_answers
 from .sharding import is_sharded
 
 OBJECTIVES = ("sft", "distill")
@@ -302,6 +302,8 @@ class Trainer:
             self.teacher = [encode(tok, e, cfg.chat_template, cfg.max_len, self.demos) for e in examples]
         self.lengths = [len(x) for x, _ in self.encoded]
         self.eval_examples = eval_examples
+        if eval_examples:  # before training, not after it: an unscorable row would fail the last evaluation
+            gold_answers(eval_examples, cfg.answer_pattern)
         self.progress = progress and self.rank == 0
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
