@@ -78,7 +78,7 @@ def test_train_eval_generate(workspace, capsys):
                 "--max-new-tokens",
                 "8",
                 "--predictions",
-                str(root / "preds.jsonl"),
+                str(root / "new" / "preds.jsonl"),  # a folder that does not exist yet is made
             ]
         )
         == 0
@@ -86,7 +86,9 @@ def test_train_eval_generate(workspace, capsys):
     res = _last_json(capsys.readouterr().out)
     assert set(res) == {"method", "accuracy", "n", "prompt_tokens", "examples_per_s"} and res["n"] == 4
     assert res["method"] == "reasoncache" and res["examples_per_s"] > 0
-    assert len((root / "preds.jsonl").read_text().splitlines()) == 4
+    assert len((root / "new" / "preds.jsonl").read_text().splitlines()) == 4
+    assert main(["eval", "--cache", str(out), "--data", str(root / "test.jsonl"), "--predictions", str(root)]) == 2
+    assert "is a folder; name the JSONL file" in capsys.readouterr().err
 
     assert main(["generate", "--cache", str(out / "cache"), "--model", model, "--max-new-tokens", "5", "Hi"]) == 0
 

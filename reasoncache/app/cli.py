@@ -236,6 +236,8 @@ def cmd_eval(args) -> int:
         raise ValueError(f"--shots {args.shots} needs --shots-from FILE (the JSONL the demonstrations come from)")
     data = load_jsonl(args.data, args.prompt_field, args.completion_field)
     gold_answers(data, args.answer_pattern)  # before the model loads: a row it cannot score is an error
+    if args.predictions and Path(args.predictions).is_dir():
+        raise ValueError(f"--predictions {args.predictions} is a folder; name the JSONL file to write")
     shots = load_jsonl(args.shots_from, args.prompt_field, args.completion_field)[: args.shots] if args.shots else []
     if len(shots) < args.shots:
         raise ValueError(f"--shots {args.shots}: {args.shots_from} holds only {len(shots)} examples")
@@ -254,7 +256,8 @@ def cmd_eval(args) -> int:
         answer_pattern=args.answer_pattern,
         progress=True,
     )
-    if args.predictions:
+    if args.predictions:  # its folder is made: a missing one must not cost the evaluation just run
+        Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
         Path(args.predictions).write_text("\n".join(json.dumps(p) for p in res["predictions"]) + "\n")
     method = (
         f"reasoncache + {res['method']}" if args.cache and shots else ("reasoncache" if args.cache else res["method"])
